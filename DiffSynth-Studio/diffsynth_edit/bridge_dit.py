@@ -1,0 +1,163 @@
+"""The DiT forward with the workspace's token layout.
+
+Image stream `[main | sub | edit_1 ... edit_k]`, RoPE frame index 0 for main, 1 for sub, 2+ for edits (plain mode:
+`[main | edit...]`, frames 0, 1+, exactly upstream's `model_fn_qwen_image`). With `zero_cond_t`, main and sub tokens
+are modulated with t and edit tokens with t = 0; the text stream and the output norm use t. In bridge mode the STE
+gate picks, per block and per sub token, its own RoPE (gate 1) or the main image's RoPE at the same bbox cell (gate
+0). Batches of any size; each sample may have its own timestep, prompt length and sub box (sub sizes must agree).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from .ste import STE
+
+
+@dataclass
+class DiTInputs:
+    """One batched DiT call. Latents are [B, 16, H/8, W/8]; `timestep` is [B] or [1] on the 0..1000 scale."""
+
+    latents: torch.Tensor
+    timestep: torch.Tensor
+    prompt_emb: torch.Tensor
+    prompt_emb_mask: torch.Tensor
+    edit_latents: Sequence[torch.Tensor] = ()
+    sub_latents: torch.Tensor | None = None
+    subyx: torch.Tensor | None = None  # [B, 4] (y1, y2, x1, x2) in token units (16 px)
+
+
+def patchify(x: torch.Tensor) -> torch.Tensor:
+    return rearrange(x, "B C (H P) (W Q) -> B (H W) (C P Q)", P=2, Q=2)
+
+
+def unpatchify(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return rearrange(x, "B (H W) (C P Q) -> B C (H P) (W Q)", H=h, W=w, P=2, Q=2)
+
+
+def _as_batch_timestep(timestep: torch.Tensor, batch: int) -> torch.Tensor:
+    t = timestep.reshape(-1)
+    if t.numel() == 1 and batch > 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"timestep has {t.numel()} values for a batch of {batch}")
+    return t
+
+
+def swapped_sub_freqs(main_freqs: torch.Tensor, main_hw: tuple[int, int], subyx: torch.Tensor) -> torch.Tensor:
+    """Per sample, the main image's RoPE on the sub box: [B, L_sub, D/2] (complex)."""
+    hm, wm = main_hw
+    grid = main_freqs.view(hm, wm, -1)
+    out = []
+    for y1, y2, x1, x2 in subyx.tolist():
+        out.append(grid[y1:y2, x1:x2].reshape((y2 - y1) * (x2 - x1), -1))
+    return torch.stack(out)
+
+
+def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: bool = False,
+                   use_gradient_checkpointing: bool = False, checkpoint_last_n: int | None = None,
+                   gate_override: float | None = None, return_gates: bool = False):
+    """Returns (main_pred [B,16,H/8,W/8], sub_pred or None[, gates]).
+
+    `ste=None` with sub latents routes nothing (sub tokens keep their own RoPE, gate 1).
+    `gate_override` forces every gate to that value (0 or 1) for ablations/tests.
+    `checkpoint_last_n`: with checkpointing on, only the last N blocks recompute (None = all).
+    """
+    x = inputs.latents
+    batch = x.shape[0]
+    hm, wm = x.shape[2] // 2, x.shape[3] // 2
+    img_shapes = [(1, hm, wm)]
+    parts = [patchify(x)]
+    n_main = hm * wm
+    n_sub = 0
+    if inputs.sub_latents is not None:
+        s = inputs.sub_latents
+        hs, ws = s.shape[2] // 2, s.shape[3] // 2
+        img_shapes.append((1, hs, ws))
+        parts.append(patchify(s))
+        n_sub = hs * ws
+        if inputs.subyx is None:
+            raise ValueError("sub_latents given without subyx")
+        sizes = (inputs.subyx[:, 1] - inputs.subyx[:, 0], inputs.subyx[:, 3] - inputs.subyx[:, 2])
+        if bool((sizes[0] != hs).any()) or bool((sizes[1] != ws).any()):
+            raise ValueError(f"subyx boxes {inputs.subyx.tolist()} do not match sub latents of {hs}x{ws} tokens")
+    for e in inputs.edit_latents:
+        if e.shape[0] != batch:
+            e = e.expand(batch, -1, -1, -1)
+        img_shapes.append((1, e.shape[2] // 2, e.shape[3] // 2))
+        parts.append(patchify(e))
+    n_noisy = n_main + n_sub
+    image = dit.img_in(torch.cat(parts, dim=1))
+
+    t = _as_batch_timestep(inputs.timestep, batch).to(device=image.device) / 1000
+    if zero_cond_t:
+        t = torch.cat([t, t * 0])
+        modulate_index = torch.zeros(batch, image.shape[1], dtype=torch.int, device=image.device)
+        modulate_index[:, n_noisy:] = 1
+    else:
+        modulate_index = None
+    addition = None
+    if dit.time_text_embed.use_additional_t_cond:
+        addition = torch.zeros(t.shape[0], dtype=torch.long, device=image.device)
+    conditioning = dit.time_text_embed(t, image.dtype, addition_t_cond=addition)
+
+    mask = inputs.prompt_emb_mask
+    txt_len = int(mask.sum(dim=1).max())
+    prompt_emb = inputs.prompt_emb[:, :txt_len]
+    mask = mask[:, :txt_len]
+    text = dit.txt_in(dit.txt_norm(prompt_emb))
+    txt_seq_lens = mask.sum(dim=1).tolist()
+    vid_freqs, txt_freqs = dit.pos_embed(img_shapes, txt_seq_lens, device=image.device)
+    attention_mask = None
+    if not bool(mask.bool().all()):
+        keys = torch.cat([mask.bool(), torch.ones(batch, image.shape[1], dtype=torch.bool, device=mask.device)], 1)
+        attention_mask = keys[:, None, None, :]
+
+    routed = n_sub > 0 and (ste is not None or gate_override is not None)
+    if routed:
+        own_sub = vid_freqs[n_main:n_noisy]
+        swapped = swapped_sub_freqs(vid_freqs[:n_main], (hm, wm), inputs.subyx)
+        head = vid_freqs[:n_main].unsqueeze(0).expand(batch, -1, -1)
+        tail = vid_freqs[n_noisy:].unsqueeze(0).expand(batch, -1, -1)
+
+    def run_block(block, block_id, image, text):
+        freqs = vid_freqs
+        gate = None
+        if routed:
+            if gate_override is not None:
+                gate = torch.full((batch, n_sub), float(gate_override), device=image.device)
+            else:
+                gate = ste(image, block_id)[:, n_main:n_noisy]
+            g = gate.unsqueeze(-1)
+            sub_freqs = own_sub.unsqueeze(0) * g + swapped * (1 - g)
+            freqs = torch.cat([head, sub_freqs, tail], dim=1).unsqueeze(1)  # [B, 1, L, D/2]
+        text, image = block(image=image, text=text, temb=conditioning, image_rotary_emb=(freqs, txt_freqs),
+                            attention_mask=attention_mask, modulate_index=modulate_index)
+        return text, image, gate
+
+    blocks = dit.transformer_blocks
+    n_blocks = len(blocks)
+    first_ckpt = 0 if checkpoint_last_n is None else max(0, n_blocks - checkpoint_last_n)
+    gates = []
+    for block_id, block in enumerate(blocks):
+        if use_gradient_checkpointing and torch.is_grad_enabled() and block_id >= first_ckpt:
+            text, image, gate = checkpoint(run_block, block, block_id, image, text, use_reentrant=False)
+        else:
+            text, image, gate = run_block(block, block_id, image, text)
+        if return_gates and gate is not None:
+            gates.append(gate.detach())
+
+    # Not rebinding `conditioning`: checkpoint recomputation reads it from the closure during backward.
+    out_conditioning = conditioning.chunk(2, dim=0)[0] if zero_cond_t else conditioning
+    image = dit.proj_out(dit.norm_out(image, out_conditioning))
+    main = unpatchify(image[:, :n_main], hm, wm)
+    sub = None
+    if n_sub:
+        sub = unpatchify(image[:, n_main:n_noisy], img_shapes[1][1], img_shapes[1][2])
+    if return_gates:
+        return main, sub, gates
+    return main, sub

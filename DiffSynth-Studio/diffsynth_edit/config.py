@@ -1,0 +1,151 @@
+"""Typed configuration: one dataclass per command, built from an optional TOML preset plus CLI overrides.
+
+Every dataclass field becomes a `--kebab-case` flag; the preset supplies defaults; the CLI wins. The built object is
+passed down; nothing below the entry point parses arguments again.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A preset or flag is wrong; the message names it."""
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`/Optional[X]."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _convert(name: str, tp: Any, value: Any) -> Any:
+    inner, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"`{name}` may not be empty")
+    if optional and isinstance(value, str) and value.lower() in ("none", "null", ""):
+        return None
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner in (int, float, str):
+            if inner is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return inner(value)
+        if inner is Path:
+            return Path(value)
+        if origin in (list, tuple):
+            (elem,) = typing.get_args(inner)[:1] or (str,)
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            out = [_convert(name, elem, v.strip() if isinstance(v, str) else v) for v in items]
+            return tuple(out) if origin is tuple else out
+        if typing.get_origin(inner) is typing.Literal:
+            choices = typing.get_args(inner)
+            if value not in choices:
+                raise ConfigError(f"`{name}` must be one of {', '.join(map(str, choices))}, got {value!r}")
+            return value
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"`{name}` expects {getattr(inner, '__name__', inner)}, got {value!r}") from None
+    return value
+
+
+def load_preset(path: Path | str | None, section: str | None = None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"preset {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset {path} is not valid TOML: {e}") from None
+    if section is not None and section in data and isinstance(data[section], dict):
+        merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        merged.update(data[section])
+        return merged
+    return {k: v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def build_config(cls: type[T], preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 source: str = "preset") -> T:
+    """Instantiate `cls` from preset values, then overrides; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for origin, mapping in ((source, preset or {}), ("command line", overrides or {})):
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                close = [f for f in fields if f.startswith(name[:4])]
+                hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+                raise ConfigError(f"unknown setting `{key}` in {origin}{hint}")
+            values[name] = _convert(key, hints[name], value)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--kebab-name` flag per field; values stay strings and are converted by build_config."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner, _ = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if inner is bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
+                 section: str | None = None, description: str | None = None) -> T:
+    """argparse front-end: `--preset FILE.toml` plus one flag per field."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", default=None, help="TOML preset; CLI flags override it")
+    add_config_flags(parser, cls)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    try:
+        return build_config(cls, load_preset(args.preset, section), overrides,
+                            source=f"preset {args.preset}" if args.preset else "preset")
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def die(message: str, code: int = 2) -> typing.NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,186 @@
+"""Tiny, randomly initialised Qwen-Image-Edit models for tests, the quickstart and the demo.
+
+They keep the real module names (so LoRA keys and targets match the 20B model) and are written in the same folder
+layout as the real weights, then loaded by the same loader (`loading.load_pipeline`). Only the widths shrink.
+A `tiny_models.json` at the root tells the loader which tiny classes the files' key hashes belong to.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from diffsynth.models.general_modules import AdaLayerNorm, RMSNorm, TimestepEmbeddings
+from diffsynth.models.qwen_image_dit import QwenEmbedRope, QwenImageDiT, QwenImageTransformerBlock
+from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
+from diffsynth.models.qwen_image_vae import QwenImageVAE
+
+TINY_TEXT_DIM = 64
+TINY_MARKER = "tiny_models.json"
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+TOKEN_IDS = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
+VOCAB_SIZE = 272
+
+
+class TinyQwenImageDiT(QwenImageDiT):
+    """QwenImageDiT with small widths; same attribute names as the 20B model."""
+
+    def __init__(self, num_layers: int = 3, dim: int = 64, num_heads: int = 2, axes_dim=(8, 12, 12),
+                 text_dim: int = TINY_TEXT_DIM, use_layer3d_rope: bool = False, use_additional_t_cond: bool = False):
+        nn.Module.__init__(self)
+        head_dim = sum(axes_dim)
+        assert dim == num_heads * head_dim
+        self.pos_embed = QwenEmbedRope(theta=10000, axes_dim=list(axes_dim), scale_rope=True)
+        self.time_text_embed = TimestepEmbeddings(256, dim, diffusers_compatible_format=True, scale=1000,
+                                                  align_dtype_to_timestep=False,
+                                                  use_additional_t_cond=use_additional_t_cond)
+        self.txt_norm = RMSNorm(text_dim, eps=1e-6)
+        self.img_in = nn.Linear(64, dim)
+        self.txt_in = nn.Linear(text_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [QwenImageTransformerBlock(dim=dim, num_attention_heads=num_heads, attention_head_dim=head_dim)
+             for _ in range(num_layers)])
+        self.norm_out = AdaLayerNorm(dim, single=True)
+        self.proj_out = nn.Linear(dim, 64)
+
+
+class TinyQwenImageTextEncoder(QwenImageTextEncoder):
+    """Qwen2.5-VL with a 2-layer, 64-wide language model and a 2-layer vision tower; forward is upstream's."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+
+        config = Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=VOCAB_SIZE, hidden_size=TINY_TEXT_DIM, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+                rope_theta=1e6, use_sliding_window=False, sliding_window=None,
+                bos_token_id=TOKEN_IDS["<|endoftext|>"], eos_token_id=TOKEN_IDS["<|im_end|>"]),
+            vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=TINY_TEXT_DIM,
+                fullatt_block_indexes=[1], tokens_per_second=2),
+            image_token_id=TOKEN_IDS["<|image_pad|>"], video_token_id=TOKEN_IDS["<|video_pad|>"],
+            vision_start_token_id=TOKEN_IDS["<|vision_start|>"], vision_end_token_id=TOKEN_IDS["<|vision_end|>"],
+            tie_word_embeddings=False)
+        self.model = Qwen2_5_VLModel(config)
+        self.lm_head = nn.Linear(TINY_TEXT_DIM, VOCAB_SIZE, bias=False)
+        self.config = config
+
+
+class TinyQwenImageVAE(QwenImageVAE):
+    """The real VAE class at base_dim 8, one res block; z_dim stays 16 as the pipeline requires."""
+
+    def __init__(self):
+        super().__init__(base_dim=8, num_res_blocks=1)
+
+
+TINY_CLASSES = {
+    "qwen_image_dit": f"{__name__}.TinyQwenImageDiT",
+    "qwen_image_text_encoder": f"{__name__}.TinyQwenImageTextEncoder",
+    "qwen_image_vae": f"{__name__}.TinyQwenImageVAE",
+}
+REAL_CLASSES = {
+    "qwen_image_dit": "diffsynth.models.qwen_image_dit.QwenImageDiT",
+    "qwen_image_text_encoder": "diffsynth.models.qwen_image_text_encoder.QwenImageTextEncoder",
+    "qwen_image_vae": "diffsynth.models.qwen_image_vae.QwenImageVAE",
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable-unicode table (256 symbols), the base of Qwen's BPE vocabulary."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def build_tokenizer():
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode())}
+    vocab.update(TOKEN_IDS)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in SPECIAL_TOKENS]})
+    return tok
+
+
+def build_processor(tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    kw = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64, patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tokenizer,
+                            video_processor=Qwen2VLVideoProcessor(**kw))
+
+
+def _text_encoder_to_hf_keys(state_dict: dict) -> dict:
+    """Inverse of diffsynth's converter: files on disk use the HF Qwen2.5-VL layout."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("model.visual."):
+            k = "visual." + k[len("model.visual."):]
+        elif k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        out[k] = v
+    return out
+
+
+def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a complete tiny model tree under `root` in the hub layout of the real weights.
+
+    root/Qwen/Qwen-Image-Edit-2511/transformer/, root/Qwen/Qwen-Image-Edit-2509/transformer/ (same DiT),
+    root/Qwen/Qwen-Image/{text_encoder,vae,tokenizer}/, root/Qwen/Qwen-Image-Edit/processor/, and tiny_models.json.
+    Idempotent: an existing complete tree is left alone.
+    """
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+    from diffsynth.core.loader import hash_model_file
+
+    root = Path(root)
+    marker = root / TINY_MARKER
+    if marker.is_file():
+        return root
+    torch.manual_seed(seed)
+    files: dict[str, Path] = {}
+    dit = TinyQwenImageDiT()
+    dit_sd = {k: v.to(dtype).contiguous() for k, v in dit.state_dict().items()}
+    for repo in ("Qwen-Image-Edit-2511", "Qwen-Image-Edit-2509"):
+        p = root / "Qwen" / repo / "transformer" / "diffusion_pytorch_model.safetensors"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(p) as tmp:
+            save_file(dit_sd, str(tmp))
+    files["qwen_image_dit"] = root / "Qwen/Qwen-Image-Edit-2511/transformer/diffusion_pytorch_model.safetensors"
+    te = TinyQwenImageTextEncoder()
+    te_sd = {k: v.to(dtype).contiguous() for k, v in _text_encoder_to_hf_keys(te.state_dict()).items()}
+    files["qwen_image_text_encoder"] = root / "Qwen/Qwen-Image/text_encoder/model.safetensors"
+    vae = TinyQwenImageVAE()
+    vae_sd = {k: v.to(dtype).contiguous() for k, v in vae.state_dict().items()}
+    files["qwen_image_vae"] = root / "Qwen/Qwen-Image/vae/diffusion_pytorch_model.safetensors"
+    for name, sd in (("qwen_image_text_encoder", te_sd), ("qwen_image_vae", vae_sd)):
+        files[name].parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(files[name]) as tmp:
+            save_file(sd, str(tmp))
+    tok = build_tokenizer()
+    tok.save_pretrained(str(root / "Qwen/Qwen-Image/tokenizer"))
+    build_processor(tok).save_pretrained(str(root / "Qwen/Qwen-Image-Edit/processor"))
+    registry = {name: {"hash": hash_model_file(str(path)), "class": TINY_CLASSES[name]} for name, path in files.items()}
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps({"models": registry}, indent=2))
+    return root
