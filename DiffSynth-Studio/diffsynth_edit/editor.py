@@ -1,0 +1,327 @@
+"""The editor: prepare an edit (resize, mask box, encode), sample it (flow matching or LBM), decode it.
+
+    editor = Editor.from_sources(ModelSources(model_root="models"), device="cuda")
+    editor.load_checkpoint("train/run/step-1000.safetensors")
+    image, sub_image = editor.edit(EditRequest(image=src, prompt="...", mask=mask), EditSettings(steps=40))
+
+Input conversions (documented, never silent errors): RGBA/LA/P images are composited onto white, greyscale is
+converted to RGB, every image is scaled down to at most `max_pixels` with 16-aligned sides, a mask of the same
+aspect ratio but another size is resized (nearest) to the image; anything else is an EditInputError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from .bridge_dit import DiTInputs, bridge_forward
+from .checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
+from .encoding import encode_prompt, pad_prompts, vae_decode, vae_encode, white_latents
+from .geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
+from .loading import ModelSources, load_pipeline
+from .sampling import euler_step, flow_sigmas, lbm_grid
+from .ste import STE
+from .variants import get_variant
+
+MAX_ASPECT = 16.0
+
+
+class EditInputError(ValueError):
+    """The edit request cannot be used; the message says which input and why."""
+
+
+@dataclass
+class EditRequest:
+    image: Image.Image | None
+    prompt: str
+    mask: Image.Image | None = None
+    references: Sequence[Image.Image] = ()
+    negative_prompt: str = ""
+
+
+@dataclass
+class EditSettings:
+    sampler: Literal["flow", "lbm"] = "flow"
+    steps: int = 40
+    cfg_scale: float = 4.0
+    seed: int = 0
+    blend_alpha: float = 0.0
+    max_pixels: int = 1024 * 1024
+    batch_cfg: bool = True
+
+    def validate(self) -> None:
+        if self.sampler not in ("flow", "lbm"):
+            raise EditInputError(f"sampler must be 'flow' or 'lbm', got {self.sampler!r}")
+        if self.steps < 1 or (self.sampler == "lbm" and self.steps > 8):
+            raise EditInputError(f"steps={self.steps} is out of range (flow ≥ 1, LBM 1–8)")
+        if self.cfg_scale < 1.0:
+            raise EditInputError(f"cfg_scale must be ≥ 1, got {self.cfg_scale}")
+        if not 0.0 <= self.blend_alpha <= 1.0:
+            raise EditInputError(f"blend_alpha must be in [0, 1], got {self.blend_alpha}")
+        if self.max_pixels < 256:
+            raise EditInputError("max_pixels must be at least 256")
+
+
+@dataclass
+class PreparedEdit:
+    source: Image.Image
+    references: list[Image.Image]
+    mask: Image.Image | None
+    box: Box
+    edit_latents: list[torch.Tensor]
+    prompt_emb: torch.Tensor
+    prompt_mask: torch.Tensor
+    nega_emb: torch.Tensor
+    nega_mask: torch.Tensor
+    mask_latent: torch.Tensor  # [1, 1, H/8, W/8], 1 = edit region
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.source.size
+
+    @property
+    def subyx(self) -> torch.Tensor:
+        return torch.tensor([self.box.to_subyx()])
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    sub_image: Image.Image | None
+    settings: dict
+    notices: list[str]
+    latents: torch.Tensor
+    sub_latents: torch.Tensor | None
+
+    def __iter__(self):  # `image, sub_image = editor.edit(...)`
+        return iter((self.image, self.sub_image))
+
+
+def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+    """EXIF orientation applied; alpha composited onto white; any mode to RGB."""
+    if not isinstance(image, Image.Image):
+        raise EditInputError(f"{what} must be a PIL image, got {type(image).__name__}")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
+        image = Image.fromarray((arr * scale).clip(0, 255).astype("uint8"))
+    return image.convert("RGB")
+
+
+def fit_image(image: Image.Image, max_pixels: int) -> tuple[Image.Image, str | None]:
+    w, h = image.size
+    if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+        raise EditInputError(f"image of {w}x{h} has an aspect ratio above {MAX_ASPECT:g}:1")
+    tw, th = fit_size(w, h, max_pixels)
+    if (tw, th) == (w, h):
+        return image, None
+    return image.resize((tw, th), Image.LANCZOS), f"image resized from {w}x{h} to {tw}x{th}"
+
+
+def prepare_mask(mask: Image.Image | None, size: tuple[int, int]) -> tuple[Image.Image | None, str | None]:
+    """Binary L-mode mask at `size`; None stays None. Raises EditInputError for empty or mismatched masks."""
+    if mask is None:
+        return None, None
+    if not isinstance(mask, Image.Image):
+        raise EditInputError(f"mask must be a PIL image, got {type(mask).__name__}")
+    mask = ImageOps.exif_transpose(mask)
+    notice = None
+    if mask.mode in ("RGBA", "LA"):
+        mask = mask.getchannel("A") if mask.getextrema()[-1] != (255, 255) else mask.convert("L")
+    if mask.size != size:
+        (mw, mh), (w, h) = mask.size, size
+        if abs(mw / mh - w / h) > 0.01 * (w / h):
+            raise EditInputError(f"mask of {mw}x{mh} does not fit the image of {w}x{h} (different aspect ratio)")
+        mask = mask.convert("L").resize(size, Image.NEAREST)
+        notice = f"mask resized from {mw}x{mh} to {w}x{h}"
+    binary = binarize_mask(mask)
+    if not binary.any():
+        raise EditInputError("mask is empty: paint the region to edit (white = edit)")
+    return Image.fromarray((binary * 255).astype("uint8"), mode="L"), notice
+
+
+class Editor:
+    """Holds one loaded pipeline; edits with or without a trained checkpoint (LoRA + STE)."""
+
+    def __init__(self, pipe, variant: str = "2511", ste: STE | None = None, hot_swap: bool = False,
+                 mode: Literal["auto", "bridge", "plain"] = "auto"):
+        self.pipe = pipe
+        self.variant = get_variant(variant).name
+        self.zero_cond_t = get_variant(variant).zero_cond_t
+        self.ste = ste
+        self.mode = mode
+        self.hot_swap = hot_swap
+        self.checkpoint: Checkpoint | None = None
+        self._fused = False
+        if hot_swap:
+            pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
+
+    @classmethod
+    def from_sources(cls, sources: ModelSources, device: str = "cpu", torch_dtype: torch.dtype = torch.bfloat16,
+                     hot_swap: bool = False, checkpoint: str | Path | None = None, strength: float = 1.0) -> "Editor":
+        pipe = load_pipeline(sources, device=device, torch_dtype=torch_dtype)
+        editor = cls(pipe, variant=sources.variant, hot_swap=hot_swap)
+        if checkpoint is not None:
+            editor.load_checkpoint(checkpoint, strength)
+        return editor
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    @property
+    def bridge(self) -> bool:
+        return self.mode == "bridge" or (self.mode == "auto" and self.ste is not None)
+
+    def ste_template(self) -> STE:
+        return STE.for_dit(self.pipe.dit)
+
+    def load_checkpoint(self, path_or_ckpt: str | Path | Checkpoint, strength: float = 1.0) -> Checkpoint:
+        ckpt = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else read_checkpoint(path_or_ckpt)
+        with torch.device("meta"):
+            template = self.ste_template()
+        check_against_model(ckpt, self.pipe.dit, template, self.variant)
+        if self._fused and not self.hot_swap:
+            raise CheckpointError("a LoRA is already fused into this editor's model; create the editor with "
+                                  "hot_swap=True to switch checkpoints")
+        self.unload_checkpoint()
+        if ckpt.lora.modules:
+            lora = {k: v.to(device=self.pipe.device, dtype=self.pipe.torch_dtype)
+                    for k, v in ckpt.lora.fused_form(strength).items()}
+            self.pipe.load_lora(self.pipe.dit, state_dict=lora, hotload=self.hot_swap, verbose=0)
+            self._fused = not self.hot_swap
+        if ckpt.ste:
+            ste = self.ste_template()
+            ste.load_state_dict(ckpt.ste, strict=True)
+            self.ste = ste.to(device=self.pipe.device, dtype=torch.float32).eval().requires_grad_(False)
+        self.checkpoint = ckpt
+        return ckpt
+
+    def unload_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        if self.hot_swap:
+            self.pipe.clear_lora(verbose=0)
+        self.ste = None
+        self.checkpoint = None
+
+    # ---- preparation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, request: EditRequest, settings: EditSettings) -> PreparedEdit:
+        if request.image is None:
+            raise EditInputError("no input image given")
+        if not isinstance(request.prompt, str):
+            raise EditInputError("prompt must be a string")
+        notices: list[str] = []
+        source, note = fit_image(to_rgb(request.image, "image"), settings.max_pixels)
+        notices += [note] if note else []
+        refs = []
+        for i, ref in enumerate(request.references or ()):
+            r, note = fit_image(to_rgb(ref, f"reference {i + 1}"), settings.max_pixels)
+            refs.append(r)
+            notices += [f"reference {i + 1}: {note}"] if note else []
+        mask, note = prepare_mask(request.mask, source.size)
+        notices += [note] if note else []
+        w, h = source.size
+        box = mask_bbox(mask, (h, w))
+        images = [source, *refs]
+        edit_latents = vae_encode(self.pipe, images)
+        prompt_emb, prompt_mask = encode_prompt(self.pipe, request.prompt, images)
+        nega_emb, nega_mask = encode_prompt(self.pipe, request.negative_prompt or "", images)
+        if mask is None:
+            mask_latent = torch.ones(1, 1, h // 8, w // 8)
+        else:
+            m = torch.from_numpy(binarize_mask(mask).astype("float32"))[None, None]
+            mask_latent = F.avg_pool2d(m, 8)
+        return PreparedEdit(source, refs, mask, box, edit_latents, prompt_emb, prompt_mask, nega_emb, nega_mask,
+                            mask_latent.to(self.pipe.device), notices)
+
+    # ---- sampling ----------------------------------------------------------------------------------------------
+    def predict(self, prep: PreparedEdit, x: torch.Tensor, x_sub: torch.Tensor | None, timestep: float,
+                cfg_scale: float, batch_cfg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Velocity for main (and sub) at `timestep` (0..1000), classifier-free guided."""
+        dtype, device = self.pipe.torch_dtype, self.pipe.device
+        use_cfg = cfg_scale != 1.0
+        subyx = prep.subyx.to(device) if x_sub is not None else None
+
+        def call(batch: int, emb, mask):
+            inputs = DiTInputs(
+                latents=x.expand(batch, -1, -1, -1).to(dtype), timestep=torch.full((batch,), float(timestep), device=device),
+                prompt_emb=emb, prompt_emb_mask=mask, edit_latents=[e.to(dtype) for e in prep.edit_latents],
+                sub_latents=None if x_sub is None else x_sub.expand(batch, -1, -1, -1).to(dtype),
+                subyx=None if subyx is None else subyx.expand(batch, -1))
+            return bridge_forward(self.pipe.dit, inputs, ste=self.ste if self.bridge else None,
+                                  zero_cond_t=self.zero_cond_t)
+
+        if use_cfg and batch_cfg:
+            emb, mask = pad_prompts([prep.prompt_emb, prep.nega_emb], [prep.prompt_mask, prep.nega_mask])
+            main, sub = call(2, emb, mask)
+            pos, neg = main[:1], main[1:]
+            sub_pos, sub_neg = (sub[:1], sub[1:]) if sub is not None else (None, None)
+        else:
+            pos, sub_pos = call(1, prep.prompt_emb, prep.prompt_mask)
+            if use_cfg:
+                neg, sub_neg = call(1, prep.nega_emb, prep.nega_mask)
+        if not use_cfg:
+            return pos.float(), None if sub_pos is None else sub_pos.float()
+        v = neg.float() + cfg_scale * (pos.float() - neg.float())
+        v_sub = None if sub_pos is None else sub_neg.float() + cfg_scale * (sub_pos.float() - sub_neg.float())
+        return v, v_sub
+
+    @torch.no_grad()
+    def sample(self, prep: PreparedEdit, settings: EditSettings,
+               progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        settings.validate()
+        device = self.pipe.device
+        w, h = prep.size
+        source = prep.edit_latents[0].float()
+        gen = torch.Generator("cpu").manual_seed(int(settings.seed))
+        noise = torch.randn(1, 16, h // 8, w // 8, generator=gen).to(device)
+        sub_shape = (1, 16, prep.box.height // 8, prep.box.width // 8)
+        sub_noise = torch.randn(*sub_shape, generator=gen).to(device)
+        if settings.sampler == "lbm":
+            grid = lbm_grid(settings.steps).tolist()
+            x = source.clone()
+            x_sub = white_latents(self.pipe, prep.box.width, prep.box.height).float() if self.bridge else None
+        else:
+            grid = flow_sigmas(settings.steps, h, w).tolist()
+            x = noise.clone()
+            x_sub = sub_noise.clone() if self.bridge else None
+        keep = 1 - prep.mask_latent  # 1 outside the edit region
+        steps = len(grid) - 1
+        for i in range(steps):
+            s, s_next = grid[i], grid[i + 1]
+            v, v_sub = self.predict(prep, x, x_sub, 1000.0 * s, settings.cfg_scale, settings.batch_cfg)
+            x = euler_step(x, v, s, s_next)
+            if x_sub is not None:
+                x_sub = euler_step(x_sub, v_sub, s, s_next)
+            if settings.blend_alpha > 0 and prep.mask is not None:
+                reference = source if settings.sampler == "lbm" or s_next == 0 else (1 - s_next) * source + s_next * noise
+                a = settings.blend_alpha * keep
+                x = x * (1 - a) + reference * a
+            if progress is not None:
+                progress(i + 1, steps)
+        return x, x_sub
+
+    def edit(self, request: EditRequest, settings: EditSettings | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EditResult:
+        settings = settings or EditSettings()
+        settings.validate()
+        prep = self.prepare(request, settings)
+        x, x_sub = self.sample(prep, settings, progress)
+        image = vae_decode(self.pipe, x)[0]
+        sub_image = vae_decode(self.pipe, x_sub)[0] if x_sub is not None else None
+        info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
+                                   "zero_cond_t": self.zero_cond_t, "size": list(prep.size),
+                                   "box": list(prep.box.to_subyx()),
+                                   "checkpoint": str(self.checkpoint.path) if self.checkpoint else None}
+        return EditResult(image, sub_image, info, prep.notices, x, x_sub)

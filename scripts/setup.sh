@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up the Python environment: use the active virtualenv, else create/use .venv at the repository root.
+# Idempotent: a second run only checks that the pinned packages are importable.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  PY="$VIRTUAL_ENV/bin/python"
+else
+  if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    python3 -m venv .venv
+  fi
+  PY="$ROOT/.venv/bin/python"
+fi
+STAMP=".venv/.setup-stamp"
+[ -n "${VIRTUAL_ENV:-}" ] && STAMP="$VIRTUAL_ENV/.qwen-edit-setup-stamp"
+WANT="$(sha256sum pyproject.toml | cut -c1-16)-${1:-base}"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import diffsynth_edit, diffsynth, gradio" 2>/dev/null; then
+  echo "[setup] environment up to date ($PY)"
+else
+  echo "[setup] installing dependencies into $("$PY" -c 'import sys; print(sys.prefix)') (first run: a few minutes)"
+  "$PY" -m pip install --upgrade --quiet pip 2>&1 | grep -v "^WARNING: Location" || true
+  EXTRA=""
+  [ "${1:-base}" = "test" ] && EXTRA="[test]"
+  "$PY" -m pip install --quiet -e ".$EXTRA" 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -c "import diffsynth_edit, diffsynth, gradio, transformers; assert transformers.__version__ == '5.16.1', transformers.__version__"
+  echo "$WANT" > "$STAMP"
+fi
+if [ "${1:-base}" = "test" ]; then
+  # Browser for the UI test: Debian's chromium (Playwright drives it; no browser download).
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "[setup] installing chromium for the browser test"
+    if command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "[setup] warning: could not install chromium; the browser test will be skipped"
+    fi
+  fi
+fi
+echo "$PY"
