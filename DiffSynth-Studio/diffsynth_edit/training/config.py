@@ -1,0 +1,101 @@
+"""TrainConfig: the one typed object a training run is built from (TOML preset + CLI overrides)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    cache_dir: Path = field(default=Path("data/cache"), metadata={"help": "phase-1 cache to train from"})
+    output_dir: Path = field(default=Path("train"), metadata={"help": "runs are written to OUTPUT_DIR/RUN_NAME"})
+    run_name: str = field(default="run", metadata={"help": "run folder name (WANDB_NAME if set)"})
+    objective: Literal["sft", "lbm"] = "sft"
+    mode: Literal["bridge", "plain"] = field(default="bridge", metadata={"help": "bridge: sub stream + STE"})
+    # model
+    variant: str | None = field(default=None, metadata={"help": "checked against the cache manifest"})
+    model_root: Path | None = None
+    dit_path: Path | None = None
+    vae_path: Path | None = None
+    allow_download: bool = False
+    # LoRA
+    lora_rank: int = 32
+    lora_alpha: float | None = field(default=None, metadata={"help": "default: = rank (scale 1)"})
+    lora_targets: list[str] | None = field(default=None, metadata={"help": "default: the variant's targets"})
+    train_ste: bool = True
+    # optimisation
+    optimizer: Literal["prodigy", "adamw"] = "prodigy"
+    learning_rate: float | None = field(default=None, metadata={"help": "default 1.0 (prodigy) / 1e-4 (adamw)"})
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.99])
+    weight_decay: float = 0.0
+    d0: float = 1e-6
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float = 0.0
+    gradient_accumulation: int = 16
+    batch_size: int = 1
+    max_steps: int = 1000
+    cfg_drop_prob: float = 0.1
+    gradient_checkpointing: bool = True
+    checkpoint_last_n: int | None = field(default=None, metadata={"help": "checkpoint only the last N blocks"})
+    trainable_dtype: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 42
+    # LBM
+    bridge_sigma: float = 0.01
+    lbm_grid: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    lbm_probs: list[float] | None = field(default=None, metadata={"help": "default uniform"})
+    pixel_loss_weight: float = 0.0
+    pixel_loss: Literal["l1", "lpips"] = "l1"
+    # checkpoints, resume
+    save_every: int = 500
+    keep_last: int = 3
+    resume: bool = False
+    init_from: Path | None = None
+    # validation and logging
+    validate_every: int = 0
+    val_cache_dir: Path | None = None
+    val_samples: int = 4
+    val_steps: int = 20
+    val_cfg: float = 4.0
+    log_every: int = 1
+    wandb: bool = True
+    device: str = "auto"
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if self.gradient_accumulation < 1:
+            raise ConfigError("gradient_accumulation must be ≥ 1")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be ≥ 1")
+        if self.max_steps < 1:
+            raise ConfigError("max_steps must be ≥ 1")
+        if self.lora_rank < 1:
+            raise ConfigError("lora_rank must be ≥ 1")
+        if self.optimizer == "prodigy" and self.grad_clip > 0:
+            raise ConfigError("grad_clip > 0 with the schedule-free Prodigy optimizer is refused: clipping breaks its "
+                              "step-size estimate (it has StableAdamW's per-tensor update clipping built in); "
+                              "set grad_clip = 0 or use optimizer = adamw")
+        if not 0.0 <= self.cfg_drop_prob < 1.0:
+            raise ConfigError("cfg_drop_prob must be in [0, 1)")
+        if any(not 0.0 < s <= 1.0 for s in self.lbm_grid):
+            raise ConfigError("lbm_grid values must be in (0, 1]")
+        if self.lbm_probs is not None and (len(self.lbm_probs) != len(self.lbm_grid) or
+                                           abs(sum(self.lbm_probs) - 1.0) > 1e-6 or min(self.lbm_probs) < 0):
+            raise ConfigError("lbm_probs must have one non-negative probability per lbm_grid value, summing to 1")
+        if self.bridge_sigma < 0:
+            raise ConfigError("bridge_sigma must be ≥ 0")
+        if self.validate_every and self.val_cache_dir is None:
+            raise ConfigError("validate_every needs val_cache_dir (a cache of held-out samples)")
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1.0 if self.optimizer == "prodigy" else 1e-4
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name

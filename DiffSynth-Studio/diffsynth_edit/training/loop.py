@@ -1,0 +1,421 @@
+"""The training loop (SFT and LBM), on accelerate: read like nanoGPT's — build, then one loop over optimizer steps.
+
+"step" always means optimizer step: logs, file names, save_every, max_steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..atomic import atomic_path, atomic_write_json
+from ..bridge_dit import DiTInputs, bridge_forward
+from ..cache.store import open_cache
+from ..checkpoint import read_checkpoint, write_checkpoint
+from ..config import config_to_dict
+from ..loading import ModelSources, load_pipeline
+from ..ste import STE
+from ..variants import check_same_variant, get_variant
+from .config import TrainConfig
+from .data import BatchStream, collate, sample_generator
+from .logger import RunLogger
+from .lora import inject_lora, load_into_training, lora_state_dict
+from .losses import combine_losses, make_lbm_inputs, make_sft_inputs, per_sample_mse
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, bad resume state …); nothing corrupt was written."""
+
+
+class EditTrainModel(nn.Module):
+    """DiT (+ LoRA) and STE behind one forward that returns the loss, so DDP/DeepSpeed wrap one module."""
+
+    def __init__(self, dit: nn.Module, ste: STE | None, cfg: TrainConfig, zero_cond_t: bool):
+        super().__init__()
+        self.dit, self.ste, self.cfg, self.zero_cond_t = dit, ste, cfg, zero_cond_t
+
+    def forward(self, batch: dict, noised) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        dtype = next(p for p in self.dit.parameters() if not p.requires_grad).dtype
+        bridge = self.cfg.mode == "bridge"
+        inputs = DiTInputs(
+            latents=noised.latents.to(dtype), timestep=noised.timestep,
+            prompt_emb=batch["prompt_emb"].to(dtype), prompt_emb_mask=batch["prompt_emb_mask"],
+            edit_latents=[e.to(dtype) for e in batch["edit_latents"]],
+            sub_latents=noised.sub_latents.to(dtype) if bridge else None,
+            subyx=batch["subyx"] if bridge else None)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if noised.latents.is_cuda
+                    else contextlib.nullcontext())
+        with autocast:
+            main, sub = bridge_forward(self.dit, inputs, ste=self.ste, zero_cond_t=self.zero_cond_t,
+                                       use_gradient_checkpointing=self.cfg.gradient_checkpointing,
+                                       checkpoint_last_n=self.cfg.checkpoint_last_n)
+        main_l = per_sample_mse(main, noised.target)
+        sub_l = per_sample_mse(sub, noised.sub_target) if bridge else None
+        loss = combine_losses(main_l, sub_l, noised.weight)
+        return loss, main_l.mean().detach(), None if sub_l is None else sub_l.mean().detach()
+
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
+    if cfg.optimizer == "prodigy":
+        from prodigyplus import ProdigyPlusScheduleFree
+
+        # One parameter group: several groups crash under DeepSpeed ZeRO (notes/lbm_prodigy.md §4.2).
+        return ProdigyPlusScheduleFree([{"params": params}], lr=cfg.lr, betas=tuple(cfg.betas),
+                                       weight_decay=cfg.weight_decay, d0=cfg.d0)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
+    return f
+
+
+def is_schedule_free(optimizer) -> bool:
+    return hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "ProdigyPlus" in type(optimizer).__name__
+
+
+def effective_lr(optimizer) -> float:
+    g = optimizer.param_groups[0]
+    return float(g.get("d", 1.0)) * float(g["lr"])
+
+
+def _base_optimizer(optimizer):
+    """The client optimizer under accelerate's (and DeepSpeed's) wrappers."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    while hasattr(inner, "optimizer") and not hasattr(inner, "param_groups"):
+        inner = inner.optimizer
+    return inner
+
+
+@dataclass
+class ResumeState:
+    step: int
+    data: dict
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+
+        self.cfg = cfg
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+            PartialState(backend="gloo")  # accelerate leaves the backend unset for DeepSpeed on CPU
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation, cpu=cpu,
+            # The last block's text-stream output is discarded, so its txt_* LoRA gets no gradient.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            self._check_deepspeed()
+        self.device = self.accelerator.device
+        self.main = self.accelerator.is_main_process
+        self.cache = open_cache(cfg.cache_dir)
+        self.variant = get_variant(self.cache.variant)
+        check_same_variant(self.cache.variant, cfg.variant, "this run's --variant (the cache)")
+        self.zero_cond_t = self.variant.zero_cond_t  # from the manifest's variant, never from a flag
+        if self.cache.zero_cond_t != self.zero_cond_t:
+            raise TrainingError(f"cache {cfg.cache_dir} says zero_cond_t={self.cache.zero_cond_t} for variant "
+                                f"{self.variant.name}; re-create the cache")
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_deepspeed(self) -> None:
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        clip = ds.get("gradient_clipping", "auto")
+        if self.cfg.optimizer == "prodigy":
+            if clip in ("auto", None) or float(clip) != 0.0:
+                raise TrainingError("the DeepSpeed config must state \"gradient_clipping\": 0.0 for ProdigyPlusScheduleFree "
+                                    f"(found {clip!r}; accelerate's 'auto' and DeepSpeed ≥ 0.19.3 default to 1.0)")
+            offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+            if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
+                raise TrainingError("optimizer offload without \"zero_force_ds_cpu_optimizer\": false would silently "
+                                    "replace ProdigyPlusScheduleFree with DeepSpeedCPUAdam at lr 1.0")
+
+    # ---- building ---------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg = self.cfg
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        sources = ModelSources(variant=self.variant.name, model_root=cfg.model_root, dit_path=cfg.dit_path,
+                               vae_path=cfg.vae_path, allow_download=cfg.allow_download)
+        need_vae = bool(cfg.validate_every) or cfg.pixel_loss_weight > 0
+        components = ("dit", "vae") if need_vae else ("dit",)
+        self.pipe = load_pipeline(sources, components=components, device=str(self.device), torch_dtype=dtype)
+        dit = self.pipe.dit
+        targets = cfg.lora_targets or list(self.variant.lora_targets)
+        alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
+        tdtype = torch.float32 if cfg.trainable_dtype == "fp32" else torch.bfloat16
+        torch.manual_seed(cfg.seed)  # LoRA A and STE initialisation are reproducible per seed
+        params = inject_lora(dit, cfg.lora_rank, alpha, targets, tdtype)
+        self.ste = None
+        if cfg.mode == "bridge":
+            self.ste = STE.for_dit(dit).to(device=self.device, dtype=tdtype)
+            self.ste.requires_grad_(cfg.train_ste)
+            if cfg.train_ste:
+                params += list(self.ste.parameters())
+        if cfg.init_from is not None:
+            info = load_into_training(read_checkpoint(cfg.init_from), dit, self.ste, cfg.lora_rank, alpha,
+                                      self.variant.name)
+            self._print(f"[train] warm start from {cfg.init_from}: {info}")
+        self.n_trainable = sum(p.numel() for p in params)
+        model = EditTrainModel(dit, self.ste, cfg, self.zero_cond_t)
+        optimizer = build_optimizer(cfg, params)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.schedule_free = is_schedule_free(_base_optimizer(self.optimizer))
+        self.stream = BatchStream(self.cache, cfg.batch_size, cfg.seed, self.accelerator.process_index,
+                                  self.accelerator.num_processes)
+        self.step = 0
+
+    def _print(self, *a) -> None:
+        if self.main:
+            print(*a, flush=True)
+
+    # ---- schedule-free views ----------------------------------------------------------------------------------
+    def eval_view(self) -> None:
+        if self.schedule_free:
+            _base_optimizer(self.optimizer).eval()
+            self._sync_deepspeed_weights()
+        self.model.eval()
+
+    def train_view(self) -> None:
+        if self.schedule_free:
+            _base_optimizer(self.optimizer).train()
+            self._sync_deepspeed_weights()
+        self.model.train()
+
+    def _sync_deepspeed_weights(self) -> None:
+        # ZeRO-1/2: eval()/train() move the fp32 masters; copy them into the bf16 module weights we save/sample.
+        if self.deepspeed:
+            engine_opt = getattr(self.optimizer, "optimizer", None)
+            if hasattr(engine_opt, "update_lp_params"):
+                engine_opt.update_lp_params()
+
+    # ---- state --------------------------------------------------------------------------------------------------
+    def unwrapped(self) -> EditTrainModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def trainable_state(self) -> tuple[dict, dict]:
+        m = self.unwrapped()
+        return lora_state_dict(m.dit), ({} if m.ste is None else m.ste.state_dict())
+
+    def metadata(self) -> dict:
+        import diffsynth
+
+        from .. import __version__
+
+        cfg = self.cfg
+        return {"format": "qwen-edit-workspace/1", "variant": self.variant.name, "zero_cond_t": self.zero_cond_t,
+                "mode": cfg.mode, "objective": cfg.objective, "lora_rank": cfg.lora_rank,
+                "lora_alpha": float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
+                "alpha_folded": False, "lora_targets": cfg.lora_targets or list(self.variant.lora_targets),
+                "step": self.step, "optimizer": cfg.optimizer, "weights": "eval" if self.schedule_free else "train",
+                "diffsynth": diffsynth.__version__ if hasattr(diffsynth, "__version__") else "2.1.12",
+                "workspace": __version__}
+
+    def save_checkpoint(self) -> Path:
+        """Caller has switched to the eval view. Atomic; prunes to keep_last."""
+        path = self.run_dir / f"step-{self.step:06d}.safetensors"
+        lora, ste = self.trainable_state()
+        if self.main:
+            write_checkpoint(path, lora, ste, self.metadata())
+            ckpts = sorted(self.run_dir.glob("step-*.safetensors"))
+            for old in ckpts[:-self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+                old.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def save_resume_state(self) -> None:
+        """Train-view weights, optimizer, scheduler, step, data position and RNG, in state/ (atomic swap)."""
+        lora, ste = self.trainable_state()
+        if not self.main:
+            self.accelerator.wait_for_everyone()
+            return
+        from safetensors.torch import save_file
+
+        final = self.run_dir / "state"
+        tmp = self.run_dir / f".state-{self.step}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.cpu().contiguous() for k, v in lora.items()}
+        tensors.update({"ste." + k: v.cpu().contiguous() for k, v in ste.items()})
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": _base_optimizer(self.optimizer).state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        atomic_write_json(tmp / "trainer.json", {"step": self.step, "data": self.stream.state_dict(),
+                                                 "config": config_to_dict(self.cfg)})
+        old = self.run_dir / f".state-old-{self.step}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_resume_state(self) -> bool:
+        state = self.run_dir / "state"
+        if not (state / "trainer.json").is_file():
+            return False
+        from safetensors.torch import load_file
+
+        info = json.loads((state / "trainer.json").read_text())
+        tensors = load_file(str(state / "trainable.safetensors"))
+        m = self.unwrapped()
+        own = dict(m.dit.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k.startswith("ste."):
+                    continue
+                if k not in own or own[k].shape != v.shape:
+                    raise TrainingError(f"resume state {state} does not fit this run's LoRA ({k}); "
+                                        f"use a new run name or the same rank/targets")
+                own[k].copy_(v)
+            if m.ste is not None:
+                m.ste.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ste.")}, strict=True)
+        blob = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=False)
+        _base_optimizer(self.optimizer).load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"])
+        self.step = int(info["step"])
+        self.stream.load_state_dict(info["data"])
+        return True
+
+    # ---- one micro-batch ----------------------------------------------------------------------------------------
+    def micro_batch(self):
+        cfg = self.cfg
+        ids, epoch = self.stream.next()
+        gens = [sample_generator(cfg.seed, epoch, i) for i in ids]
+        use_neg = [bool(torch.rand(1, generator=g) < cfg.cfg_drop_prob) for g in gens]
+        batch = collate([self.cache.load(i) for i in ids], use_neg)
+        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
+                     [t.to(self.device) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+                     else v) for k, v in batch.items()}
+        bridge = cfg.mode == "bridge"
+        if cfg.objective == "lbm":
+            noised = make_lbm_inputs(batch, gens, bridge, cfg.lbm_grid, cfg.lbm_probs, cfg.bridge_sigma)
+        else:
+            noised = make_sft_inputs(batch, gens, bridge)
+        return batch, noised
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> Path | None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        resumed = cfg.resume and self.load_resume_state()
+        if cfg.resume and not resumed:
+            self._print(f"[train] --resume: no state in {self.run_dir / 'state'}, starting fresh")
+        if self.main:
+            atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg) | {"variant": self.variant.name})
+        logger = RunLogger(self.run_dir, config_to_dict(cfg) | {"run_name": cfg.run_name}, cfg.wandb,
+                           enabled=self.main, resume=resumed)
+        self._print(f"[train] {cfg.objective} {cfg.mode} Qwen-Image-Edit-{self.variant.name} zero_cond_t="
+                    f"{self.zero_cond_t}: {self.n_trainable / 1e6:.2f} M trainable, {len(self.cache)} cached samples, "
+                    f"accumulation {cfg.gradient_accumulation} x batch {cfg.batch_size} x {self.accelerator.num_processes} "
+                    f"process(es); {'resuming at step ' + str(self.step) if resumed else 'from step 0'}")
+        self.train_view()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.main, desc="train", unit="step")
+        last_path = None
+        running = None
+        t0, samples = time.time(), 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.step < cfg.max_steps:
+            acc_loss = torch.zeros((), device=self.device)
+            acc_main = torch.zeros((), device=self.device)
+            acc_sub = torch.zeros((), device=self.device)
+            for _ in range(cfg.gradient_accumulation):
+                batch, noised = self.micro_batch()
+                with self.accelerator.accumulate(self.model):
+                    loss, lm, ls = self.model(batch, noised)
+                    self.accelerator.backward(loss)
+                    acc_loss += loss.detach() / cfg.gradient_accumulation
+                    acc_main += lm / cfg.gradient_accumulation
+                    if ls is not None:
+                        acc_sub += ls / cfg.gradient_accumulation
+                    samples += len(batch["ids"]) * self.accelerator.num_processes
+                    if self.accelerator.sync_gradients:
+                        if not torch.isfinite(acc_loss):
+                            raise TrainingError(f"non-finite loss ({acc_loss.item()}) at step {self.step + 1} "
+                                                f"(samples {batch['ids']}); stopping without saving. Lower the learning "
+                                                f"rate or check the cache with `train_2511.py verify`.")
+                        grad_norm = self._grad_norm()
+                        if cfg.grad_clip > 0:
+                            self.accelerator.clip_grad_norm_(self._params(), cfg.grad_clip)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            loss_v = self.accelerator.reduce(acc_loss, reduction="mean").item()
+            running = loss_v if running is None else 0.9 * running + 0.1 * loss_v
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                dt = time.time() - t0
+                logger.log(self.step, {
+                    "loss": loss_v, "loss_main": acc_main.item(),
+                    "loss_sub": acc_sub.item() if cfg.mode == "bridge" else "",
+                    "lr": effective_lr(_base_optimizer(self.optimizer)), "grad_norm": grad_norm,
+                    "samples_per_s": samples / max(dt, 1e-9),
+                    "peak_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                                     if self.device.type == "cuda" else "")})
+                t0, samples = time.time(), 0
+            save_now = self.step % cfg.save_every == 0 or self.step == cfg.max_steps
+            validate_now = bool(cfg.validate_every) and (self.step % cfg.validate_every == 0 or self.step == cfg.max_steps)
+            if save_now or validate_now:
+                self.eval_view()
+                if save_now:
+                    last_path = self.save_checkpoint()
+                if validate_now:
+                    self.run_validation(logger)
+                self.train_view()
+                if save_now:
+                    self.save_resume_state()
+        bar.close()
+        curve = logger.finish()
+        if curve is not None:
+            self._print(f"[train] loss curve: {curve}")
+        self._print(f"[train] done: {last_path}")
+        return last_path
+
+    def _params(self):
+        return [p for p in self.unwrapped().parameters() if p.requires_grad]
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad.detach().float().norm() for p in self._params() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def run_validation(self, logger: RunLogger) -> Path | None:
+        from .validation import validate
+
+        if not self.main:
+            self.accelerator.wait_for_everyone()
+            return None
+        m = self.unwrapped()
+        out = validate(self.pipe, m.dit, m.ste if self.cfg.mode == "bridge" else None, self.cfg,
+                       self.variant.name, self.run_dir / "samples" / f"step-{self.step:06d}.png")
+        logger.log_image(self.step, "validation", out)
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    trainer = Trainer(cfg)
+    trainer.build()
+    return trainer.fit()

@@ -1,0 +1,56 @@
+"""LoRA injection (peft) with PEFT key names identical to the checkpoint format, and warm starts."""
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint, CheckpointError, check_against_model
+
+
+def inject_lora(dit: torch.nn.Module, rank: int, alpha: float, targets: list[str] | tuple[str, ...],
+                dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        init_lora_weights=True)
+    inject_adapter_in_model(config, dit)
+    params = []
+    for name, p in dit.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(dtype)
+            p.requires_grad_(True)
+            params.append(p)
+        else:
+            p.requires_grad_(False)
+    if not params:
+        raise ValueError(f"LoRA targets {list(targets)} matched no module of the DiT")
+    return params
+
+
+def lora_state_dict(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT keys without prefix: `transformer_blocks.N.attn.to_q.lora_A.default.weight`."""
+    return {name: p.detach() for name, p in dit.named_parameters() if "lora_" in name}
+
+
+def load_into_training(ckpt: Checkpoint, dit: torch.nn.Module, ste: torch.nn.Module | None, rank: int,
+                       alpha: float, variant: str) -> dict[str, int]:
+    """Warm start: copy LoRA (re-scaled to this run's alpha/rank) and STE weights; every key must fit."""
+    check_against_model(ckpt, dit, ste, variant)
+    own = dict(dit.named_parameters())
+    scale = alpha / rank
+    copied = 0
+    for name, (a, b) in ckpt.lora.modules.items():
+        ka, kb = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
+        if ka not in own:
+            raise CheckpointError(f"{ckpt.path}: LoRA module {name} is not a target of this run; add it to "
+                                  f"lora_targets or drop it from the checkpoint")
+        if own[ka].shape != a.shape:
+            raise CheckpointError(f"{ckpt.path}: LoRA {name} has rank {a.shape[0]}, this run uses rank {rank}")
+        with torch.no_grad():
+            own[ka].copy_(a * (ckpt.lora.scale.get(name, 1.0) / scale))
+            own[kb].copy_(b)
+        copied += 1
+    if ckpt.ste:
+        if ste is None:
+            raise CheckpointError(f"{ckpt.path}: has STE weights but this run is in plain mode")
+        ste.load_state_dict({k: v.to(torch.float32) for k, v in ckpt.ste.items()}, strict=True)
+    return {"lora_modules": copied, "ste_tensors": len(ckpt.ste)}
