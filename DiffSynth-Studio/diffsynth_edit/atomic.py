@@ -1,4 +1,9 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic file writes: write to a temporary file beside the target, then rename over it.
+
+Readers see either the old file or the complete new one, never a half-written file; an exception (or Ctrl-C)
+while writing removes the temporary file and leaves the previous version untouched. Temporary files are named
+`.<final name>.<random>.tmp` in the target's folder (same file system, so `os.replace` is atomic).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,17 +13,34 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+TMP_SUFFIX = ".tmp"
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
-    """Yield a temp path in the same folder; on success it replaces `final`, on error it is removed."""
+    """Yield a temp path in the same folder; on success it replaces `final`, on error it is removed.
+
+    The temp file exists (empty) when the block starts; writers may overwrite or replace it. The final file gets
+    the usual permissions (0666 minus the umask), not mkstemp's 0600.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with contextlib.suppress(OSError):
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -26,17 +48,41 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(final: Path | str, data: bytes) -> None:
+def atomic_write_bytes(final: Path | str, data: bytes, fsync: bool = True) -> None:
+    """Write `data` to `final` atomically (fsync before the rename unless `fsync=False`)."""
     with atomic_path(final) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
 
 
-def atomic_write_text(final: Path | str, text: str) -> None:
-    atomic_write_bytes(final, text.encode("utf-8"))
+def atomic_write_text(final: Path | str, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"), fsync=fsync)
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """The JSON text the atomic writers produce (UTF-8, non-ASCII kept, trailing newline)."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
 
 
 def atomic_write_json(final: Path | str, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_text(final, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    atomic_write_text(final, json_text(obj, indent))
+
+
+def atomic_write_if_changed(final: Path | str, data: bytes | str, fsync: bool = True) -> bool:
+    """Atomically write `data` unless `final` already holds exactly these bytes; True when written.
+
+    Re-runs that produce identical output leave the file (and its mtime) alone.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    final = Path(final)
+    try:
+        if final.stat().st_size == len(data) and final.read_bytes() == data:
+            return False
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    atomic_write_bytes(final, data, fsync=fsync)
+    return True

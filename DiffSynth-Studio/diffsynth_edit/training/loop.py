@@ -27,19 +27,41 @@ from .config import TrainConfig
 from .data import BatchStream, collate, sample_generator
 from .logger import RunLogger
 from .lora import inject_lora, load_into_training, lora_state_dict
-from .losses import combine_losses, make_lbm_inputs, make_sft_inputs, per_sample_mse
+from .losses import combine_losses, lbm_predicted_target, make_lbm_inputs, make_sft_inputs, per_sample_mse
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite loss, bad resume state …); nothing corrupt was written."""
 
 
+def deepspeed_config_problems(ds: dict, optimizer: str) -> list[str]:
+    """The known traps of ProdigyPlusScheduleFree under DeepSpeed (notes/lbm_prodigy.md §4) found in `ds`."""
+    problems = []
+    zero = ds.get("zero_optimization", {})
+    if optimizer == "prodigy":
+        clip = ds.get("gradient_clipping", "auto")
+        if clip in ("auto", None) or float(clip) != 0.0:
+            problems.append(f"\"gradient_clipping\" must be 0.0 for ProdigyPlusScheduleFree (found {clip!r}; "
+                            f"accelerate's 'auto' and DeepSpeed >= 0.19.3 default to 1.0)")
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+    if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
+        problems.append("optimizer offload without \"zero_force_ds_cpu_optimizer\": false silently replaces the "
+                        "optimizer with DeepSpeedCPUAdam")
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "allgather_bucket_size"):
+        if zero.get(key) == "auto":
+            problems.append(f"\"{key}\": \"auto\" needs model.config.hidden_size, which the DiT has not; give an "
+                            f"integer such as 500000000")
+    return problems
+
+
 class EditTrainModel(nn.Module):
     """DiT (+ LoRA) and STE behind one forward that returns the loss, so DDP/DeepSpeed wrap one module."""
 
-    def __init__(self, dit: nn.Module, ste: STE | None, cfg: TrainConfig, zero_cond_t: bool):
+    def __init__(self, dit: nn.Module, ste: STE | None, cfg: TrainConfig, zero_cond_t: bool, vae=None):
         super().__init__()
         self.dit, self.ste, self.cfg, self.zero_cond_t = dit, ste, cfg, zero_cond_t
+        self.pixel_loss = PixelLoss(vae, cfg) if cfg.objective == "lbm" and cfg.pixel_loss_weight > 0 else None
 
     def forward(self, batch: dict, noised) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         dtype = next(p for p in self.dit.parameters() if not p.requires_grad).dtype
@@ -59,16 +81,52 @@ class EditTrainModel(nn.Module):
         main_l = per_sample_mse(main, noised.target)
         sub_l = per_sample_mse(sub, noised.sub_target) if bridge else None
         loss = combine_losses(main_l, sub_l, noised.weight)
+        if self.pixel_loss is not None:
+            x_hat = lbm_predicted_target(noised.latents.float(), main.float(), noised.s)
+            loss = loss + self.cfg.pixel_loss_weight * self.pixel_loss(x_hat, batch["input_latents"].float())
         return loss, main_l.mean().detach(), None if sub_l is None else sub_l.mean().detach()
 
 
-def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
+class PixelLoss(nn.Module):
+    """LBM's optional pixel loss: decode a random crop (≤ 64 latent px) of the predicted target and of the target
+    latents with the frozen VAE; L1, or LPIPS when the `lpips` package and its weights are available locally."""
+
+    def __init__(self, vae, cfg: TrainConfig, crop: int = 64):
+        super().__init__()
+        if vae is None:
+            raise TrainingError("pixel_loss_weight > 0 needs the VAE (give --vae-path or --model-root)")
+        self.vae, self.kind, self.crop = vae, cfg.pixel_loss, crop
+        self.lpips = None
+        if self.kind == "lpips":
+            try:
+                import lpips  # noqa: F401
+
+                self.lpips = lpips.LPIPS(net="vgg", pretrained=True, verbose=False).eval().requires_grad_(False)
+            except Exception as e:
+                raise TrainingError(f"pixel_loss = lpips needs the `lpips` package with its VGG weights available "
+                                    f"locally ({e}); use pixel_loss = l1") from None
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h, w = pred.shape[-2:]
+        ch, cw = min(h, self.crop), min(w, self.crop)
+        y = int(torch.randint(0, h - ch + 1, (1,)))
+        x = int(torch.randint(0, w - cw + 1, (1,)))
+        dtype = next(self.vae.parameters()).dtype
+        img = self.vae.decode(pred[..., y:y + ch, x:x + cw].to(dtype)).float()
+        with torch.no_grad():
+            ref = self.vae.decode(target[..., y:y + ch, x:x + cw].to(dtype)).float()
+        if self.lpips is not None:
+            return self.lpips.to(img.device)(img.clamp(-1, 1), ref.clamp(-1, 1)).mean()
+        return (img - ref).abs().mean()
+
+
+def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter], schedule_free: bool = True):
     if cfg.optimizer == "prodigy":
         from prodigyplus import ProdigyPlusScheduleFree
 
         # One parameter group: several groups crash under DeepSpeed ZeRO (notes/lbm_prodigy.md §4.2).
         return ProdigyPlusScheduleFree([{"params": params}], lr=cfg.lr, betas=tuple(cfg.betas),
-                                       weight_decay=cfg.weight_decay, d0=cfg.d0)
+                                       weight_decay=cfg.weight_decay, d0=cfg.d0, use_schedulefree=schedule_free)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
@@ -94,9 +152,9 @@ def effective_lr(optimizer) -> float:
 
 
 def _base_optimizer(optimizer):
-    """The client optimizer under accelerate's (and DeepSpeed's) wrappers."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    while hasattr(inner, "optimizer") and not hasattr(inner, "param_groups"):
+    """The client optimizer under accelerate's (and DeepSpeed's ZeRO) wrappers."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
         inner = inner.optimizer
     return inner
 
@@ -120,6 +178,7 @@ class Trainer:
             # The last block's text-stream output is discarded, so its txt_* LoRA gets no gradient.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        self.zero3 = False
         if self.deepspeed:
             self._check_deepspeed()
         self.device = self.accelerator.device
@@ -136,15 +195,18 @@ class Trainer:
 
     def _check_deepspeed(self) -> None:
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        clip = ds.get("gradient_clipping", "auto")
-        if self.cfg.optimizer == "prodigy":
-            if clip in ("auto", None) or float(clip) != 0.0:
-                raise TrainingError("the DeepSpeed config must state \"gradient_clipping\": 0.0 for ProdigyPlusScheduleFree "
-                                    f"(found {clip!r}; accelerate's 'auto' and DeepSpeed ≥ 0.19.3 default to 1.0)")
-            offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-            if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
-                raise TrainingError("optimizer offload without \"zero_force_ds_cpu_optimizer\": false would silently "
-                                    "replace ProdigyPlusScheduleFree with DeepSpeedCPUAdam at lr 1.0")
+        problems = deepspeed_config_problems(ds, self.cfg.optimizer)
+        if problems:
+            raise TrainingError("DeepSpeed config refused: " + "; ".join(problems))
+        stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        if self.cfg.optimizer == "prodigy" and stage >= 1:
+            self._print("[train] note: under ZeRO each rank estimates Prodigy's step size d from its own shard "
+                        "(no all-reduce) and factored second moments are disabled; DDP is the exact mode")
+        self.zero3 = stage == 3
+        if self.cfg.optimizer == "prodigy" and self.zero3:
+            self._print("[train] ZeRO-3: ProdigyPlusScheduleFree runs with use_schedulefree=False. Under ZeRO-3 its "
+                        "optimizer.eval() sees no parameters, so the averaged (evaluation) weights could never be "
+                        "saved; without schedule-free the saved weights are the trained ones.")
 
     # ---- building ---------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -172,8 +234,8 @@ class Trainer:
                                       self.variant.name)
             self._print(f"[train] warm start from {cfg.init_from}: {info}")
         self.n_trainable = sum(p.numel() for p in params)
-        model = EditTrainModel(dit, self.ste, cfg, self.zero_cond_t)
-        optimizer = build_optimizer(cfg, params)
+        model = EditTrainModel(dit, self.ste, cfg, self.zero_cond_t, vae=self.pipe.vae)
+        optimizer = build_optimizer(cfg, params, schedule_free=not self.zero3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.schedule_free = is_schedule_free(_base_optimizer(self.optimizer))
@@ -210,8 +272,18 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def trainable_state(self) -> tuple[dict, dict]:
+        """LoRA and STE tensors on CPU; under ZeRO-3 only these (not the 20B base) are gathered."""
         m = self.unwrapped()
-        return lora_state_dict(m.dit), ({} if m.ste is None else m.ste.state_dict())
+        gather = contextlib.nullcontext()
+        if self.zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([p for p in m.parameters() if p.requires_grad],
+                                                       modifier_rank=None)
+        with gather:
+            lora = {k: v.detach().cpu().clone() for k, v in lora_state_dict(m.dit).items()}
+            ste = {} if m.ste is None else {k: v.detach().cpu().clone() for k, v in m.ste.state_dict().items()}
+        return lora, ste
 
     def metadata(self) -> dict:
         import diffsynth
