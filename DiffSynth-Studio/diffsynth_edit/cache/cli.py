@@ -1,0 +1,46 @@
+"""Entry points behind `python train_2511.py cache` and `python train_2511.py verify`.
+
+    python train_2511.py cache --preset configs/cache_2511.toml --dataset data/train.json --cache-dir data/cache
+    accelerate launch --num_processes 8 train_2511.py cache --preset configs/cache_2511.toml ...   # 8 GPUs
+    python train_2511.py verify --cache-dir data/cache
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def main_cache(argv: Sequence[str] | None = None) -> int:
+    from ..config import parse_config
+    from ..loading import MissingWeightsError
+    from ..variants import VariantMismatchError
+    from .encode import CacheConfig, CacheRunError, run_cache
+
+    cfg = parse_config(CacheConfig, argv, prog="train_2511.py cache", section="cache",
+                       description="Encode a dataset (text encoder + VAE, never the DiT) into a resumable cache.")
+    try:
+        summary = run_cache(cfg)
+    except (VariantMismatchError, CacheRunError, MissingWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.format())
+    if summary.failed and not cfg.allow_failures:
+        return 1
+    return 0
+
+
+def main_verify(argv: Sequence[str] | None = None) -> int:
+    from .verify import verify_cache
+
+    parser = argparse.ArgumentParser(prog="train_2511.py verify",
+                                     description="Load every cache entry and check keys, shapes, dtypes, finiteness.")
+    parser.add_argument("--cache-dir", required=True, help="folder made by `train_2511.py cache`")
+    parser.add_argument("--progress", action="store_true", help="tqdm progress bar")
+    args = parser.parse_args(argv)
+    report = verify_cache(args.cache_dir, progress=args.progress)
+    print(report.format())
+    return 0 if report.ok else 1

@@ -1,0 +1,692 @@
+"""Phase 1 of split training: encode a dataset into a verified, resumable cache.
+
+Only the text encoder and the VAE are loaded (never the DiT). Images are prepared exactly like the editor prepares
+an edit (`editor.to_rgb`, `editor.fit_image`, `editor.prepare_mask`, `geometry.mask_bbox`) and encoded by the
+same functions (`encoding.vae_encode`, `encoding.encode_prompt`, `encoding.white_latents`), so a cache entry equals
+what `Editor.prepare` computes for the same sample.
+
+Flow (every rank of an `accelerate launch` run does its stride share of each step):
+  1. hash every sample's inputs + settings -> file name; a file that exists and is complete is skipped;
+  2. the sorted list of pending samples is split by stride over the ranks (each sample encoded exactly once);
+  3. images are read/resized in threads, VAE-encoded in same-shape batches of `batch_size`, prompts encoded;
+  4. each sample is written atomically (temp file + fsync + rename); rank 0 keeps an incremental manifest
+     (`complete: false`) that only lists finished files;
+  5. after a barrier rank 0 writes the final manifest (`complete: true`) and removes orphaned/temporary files.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..atomic import atomic_path
+from ..geometry import Box, binarize_mask, mask_bbox
+from ..variants import VariantMismatchError, check_same_variant, get_variant
+from .manifest import (DTYPES, FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
+                       encoder_identity, read_manifest, sample_hash, write_manifest)
+from .store import EDIT_PREFIX, edit_keys, quick_check, read_header
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Test hook: "after:N" kills the process (SIGKILL) after the N-th written entry, "during:N" while the N-th entry's
+# temporary file is complete but not yet renamed. LOG_ENV: append "<rank> <id>" per written entry to that file.
+KILL_ENV = "DIFFSYNTH_EDIT_CACHE_TEST_KILL"
+LOG_ENV = "DIFFSYNTH_EDIT_CACHE_TEST_LOG"
+
+
+class CacheRunError(RuntimeError):
+    """The cache run cannot start (bad dataset, other variant, ...); the message says why."""
+
+
+@dataclass
+class CacheConfig:
+    dataset: Path | None = field(default=None, metadata={"help": "dataset JSON/JSONL (required)"})
+    base_path: Path | None = field(default=None, metadata={"help": "folder the dataset's paths are relative to "
+                                                                   "(default: the JSON's folder)"})
+    cache_dir: Path = field(default=Path("data/cache"), metadata={"help": "output folder (one per dataset, variant "
+                                                                         "and resolution policy)"})
+    variant: str = field(default="2511", metadata={"help": "2511 or 2509 (recorded in the manifest)"})
+    model_root: Path | None = field(default=None, metadata={"help": "local model folder in the hub layout"})
+    dit_path: Path | None = field(default=None, metadata={"help": "accepted for preset symmetry; the DiT is never "
+                                                                  "loaded by the cache"})
+    text_encoder_path: Path | None = None
+    vae_path: Path | None = None
+    tokenizer_path: Path | None = None
+    processor_path: Path | None = None
+    allow_download: bool = field(default=False, metadata={"help": "let diffsynth download missing weights"})
+    max_pixels: int = field(default=1024 * 1024, metadata={"help": "images are scaled down to at most this many "
+                                                                   "pixels, sides multiples of 16"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda, cuda:N or cpu"})
+    dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "model and cache dtype"})
+    batch_size: int = field(default=4, metadata={"help": "images per VAE call (same-shape images only)"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N samples (no pruning)"})
+    num_workers: int = field(default=4, metadata={"help": "threads reading/hashing images"})
+    prune: bool = field(default=True, metadata={"help": "remove cache files no sample of this dataset maps to"})
+    allow_failures: bool = field(default=False, metadata={"help": "exit 0 even when some samples failed"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+    manifest_every: float = field(default=60.0, metadata={"help": "seconds between incremental manifest writes"})
+
+    def validate(self) -> None:
+        from ..config import ConfigError
+
+        if self.dataset is None:
+            raise ConfigError("`dataset` is required (a dataset JSON/JSONL)")
+        try:
+            get_variant(self.variant)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.variant = get_variant(self.variant).name
+        if self.max_pixels < 256:
+            raise ConfigError("`max_pixels` must be at least 256")
+        if self.batch_size < 1:
+            raise ConfigError("`batch_size` must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("`limit` must be at least 1")
+        if self.num_workers < 1:
+            raise ConfigError("`num_workers` must be at least 1")
+
+    def sources(self):
+        from ..loading import ModelSources
+
+        return ModelSources(variant=self.variant, model_root=self.model_root, dit_path=self.dit_path,
+                            text_encoder_path=self.text_encoder_path, vae_path=self.vae_path,
+                            tokenizer_path=self.tokenizer_path, processor_path=self.processor_path,
+                            allow_download=self.allow_download)
+
+
+@dataclass
+class Failure:
+    id: str
+    index: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "index": self.index, "reason": self.reason}
+
+
+@dataclass
+class CacheSummary:
+    cache_dir: Path
+    total: int = 0
+    encoded: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    orphans_removed: list[str] = field(default_factory=list)
+    orphans_kept: list[str] = field(default_factory=list)
+    bytes_on_disk: int = 0
+    per_rank: list[int] = field(default_factory=list)  # entries encoded by each rank
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def format(self) -> str:
+        rate = self.encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
+        lines = [f"cache {self.cache_dir}: {self.total - len(self.failed)}/{self.total} samples cached "
+                 f"(encoded {self.encoded}, skipped {self.skipped} valid, failed {len(self.failed)}), "
+                 f"{_human(self.bytes_on_disk)} on disk, {rate:.2f} samples/s encoding, {self.seconds:.1f} s total"]
+        if len(self.per_rank) > 1:
+            lines.append(f"encoded per rank: {self.per_rank}")
+        if self.failed:
+            lines.append("failed samples (the others are cached):")
+            lines += [f"  id {f.id} (index {f.index}): {f.reason}" for f in self.failed]
+        if self.orphans_removed:
+            lines.append(f"removed {len(self.orphans_removed)} stale file(s) no sample maps to any more")
+        if self.orphans_kept:
+            lines.append(f"{len(self.orphans_kept)} file(s) no (selected) sample maps to were kept "
+                         f"(--limit or --prune false): " + ", ".join(self.orphans_kept[:5])
+                         + (" ..." if len(self.orphans_kept) > 5 else ""))
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---- distribution --------------------------------------------------------------------------------------------------
+class _Dist:
+    """Rank/world/device of this process; `accelerate launch` (any backend) or a single process."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1:
+            from accelerate import PartialState
+
+            cpu = (device.startswith("cpu") or not torch.cuda.is_available()
+                   or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+            state = PartialState(cpu=cpu)
+            self.rank, self.world = state.process_index, state.num_processes
+            self.device = "cpu" if state.device.type == "cpu" else str(state.device)  # no "cpu:0" (DiskMap)
+            self._state = state
+        else:
+            self.rank = 0
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = "cpu" if device.startswith("cpu") else device
+            self._state = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self._state is None:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+# ---- dataset -------------------------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    index: int
+    id: str
+    prompt: str
+    edit_type: str | None
+    image: Path
+    edit_image: list[Path]
+    back_mask: Path | None
+    ref_gt_crop: Path | None
+    hash: str | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{SAMPLES_DIR}/{self.hash}{SAMPLE_SUFFIX}"
+
+    def input_files(self) -> list[tuple[str, Path]]:
+        files = [("image", self.image)] + [(f"edit_image.{i}", p) for i, p in enumerate(self.edit_image)]
+        if self.back_mask is not None:
+            files.append(("back_mask", self.back_mask))
+        if self.ref_gt_crop is not None:
+            files.append(("ref_gt_crop", self.ref_gt_crop))
+        return files
+
+
+def load_items(cfg: CacheConfig) -> list[_Item]:
+    from ..dataset.schema import load_dataset
+
+    try:
+        entries = load_dataset(cfg.dataset, base_path=cfg.base_path)
+    except (OSError, ValueError) as e:
+        raise CacheRunError(f"cannot read dataset {cfg.dataset}: {e}") from None
+    if cfg.limit is not None:
+        entries = entries[:cfg.limit]
+    items, seen = [], set()
+    for pos, e in enumerate(entries):
+        index = int(getattr(e, "index", pos))
+        sid = getattr(e, "id", None)
+        sid = f"{index:06d}" if sid is None or str(sid) == "" else str(sid)
+        if sid in seen:
+            sid = f"{sid}#{index}"
+        seen.add(sid)
+        if not e.edit_image:
+            raise CacheRunError(f"dataset {cfg.dataset}: sample {sid} has no edit_image (the source image)")
+        items.append(_Item(index=index, id=sid, prompt=str(e.prompt), edit_type=getattr(e, "edit_type", None),
+                           image=Path(e.image), edit_image=[Path(p) for p in e.edit_image],
+                           back_mask=None if getattr(e, "back_mask", None) is None else Path(e.back_mask),
+                           ref_gt_crop=None if getattr(e, "ref_gt_crop", None) is None else Path(e.ref_gt_crop)))
+    return items
+
+
+# ---- per-sample preparation (CPU, in threads) ----------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    item: _Item
+    target: Image.Image
+    source: Image.Image
+    refs: list[Image.Image]
+    mask: Image.Image | None
+    box: Box
+    crop: Image.Image
+
+
+class SampleError(Exception):
+    """One sample cannot be cached; the message names the file and the reason."""
+
+
+def _open(path: Path, role: str) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except FileNotFoundError:
+        raise SampleError(f"{role} {path}: file not found") from None
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise SampleError(f"{role} {path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def prepare_sample(item: _Item, max_pixels: int) -> _Prepared:
+    """Resize and mask exactly as `Editor.prepare` does; derive the ref_gt crop."""
+    from ..editor import EditInputError, fit_image, prepare_mask, to_rgb
+
+    try:
+        src_raw = to_rgb(_open(item.edit_image[0], "edit_image[0]"), "source")
+        source, _ = fit_image(src_raw, max_pixels)
+        refs = [fit_image(to_rgb(_open(p, f"edit_image[{i}]"), f"reference {i}"), max_pixels)[0]
+                for i, p in enumerate(item.edit_image[1:], start=1)]
+        size = source.size  # (w, h)
+        target = to_rgb(_open(item.image, "image"), "target")
+        if target.size != size:
+            (tw, th), (sw, sh) = target.size, src_raw.size
+            if abs(tw / th - sw / sh) > 0.01 * (sw / sh):
+                raise SampleError(f"image {item.image}: target of {tw}x{th} does not match the source of {sw}x{sh} "
+                                  f"(different aspect ratio)")
+            target = target.resize(size, Image.LANCZOS)
+        mask = None
+        if item.back_mask is not None:
+            try:
+                mask, _ = prepare_mask(_open(item.back_mask, "back_mask"), size)
+            except EditInputError as e:
+                raise SampleError(f"back_mask {item.back_mask}: {e}") from None
+        w, h = size
+        box = mask_bbox(mask, (h, w))
+        crop = None
+        if item.ref_gt_crop is not None:
+            c = to_rgb(_open(item.ref_gt_crop, "ref_gt_crop"), "ref_gt_crop")
+            if c.size == (box.width, box.height):
+                crop = c
+        if crop is None:
+            pasted = target if mask is None else Image.composite(target, Image.new("RGB", size, (255, 255, 255)), mask)
+            crop = pasted.crop(box.pil_box())
+        return _Prepared(item, target, source, refs, mask, box, crop)
+    except SampleError:
+        raise
+    except EditInputError as e:
+        raise SampleError(str(e)) from None
+
+
+# ---- encoding (device) ---------------------------------------------------------------------------------------------
+class SampleEncoder:
+    """Encodes prepared samples with the shared encoding functions; VAE calls batched over same-shape images."""
+
+    def __init__(self, pipe, dtype: torch.dtype, batch_size: int):
+        self.pipe, self.dtype, self.batch_size = pipe, dtype, batch_size
+        self._white: dict[tuple[int, int], torch.Tensor] = {}
+
+    def white(self, width: int, height: int) -> torch.Tensor:
+        """Latents of a white image of this size, computed once per shape and reused."""
+        from ..encoding import white_latents
+
+        key = (width, height)
+        if key not in self._white:
+            self._white[key] = self._store(white_latents(self.pipe, width, height)[0])
+        return self._white[key]
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device="cpu", dtype=self.dtype).contiguous()
+
+    @torch.no_grad()
+    def encode(self, samples: list[_Prepared]) -> list[dict[str, torch.Tensor]]:
+        from ..encoding import encode_prompt, vae_encode
+
+        out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
+        jobs: dict[tuple[int, int], list[tuple[int, str, Image.Image]]] = {}
+        for n, s in enumerate(samples):
+            for key, im in (("input_latents", s.target), (EDIT_PREFIX + "0", s.source),
+                            *((f"{EDIT_PREFIX}{i}", r) for i, r in enumerate(s.refs, start=1)),
+                            ("sub_input_latents", s.crop)):
+                jobs.setdefault(im.size, []).append((n, key, im))
+        for group in jobs.values():
+            for j in range(0, len(group), self.batch_size):
+                chunk = group[j:j + self.batch_size]
+                lats = vae_encode(self.pipe, [im for _, _, im in chunk])
+                for (n, key, _), lat in zip(chunk, lats):
+                    out[n][key] = self._store(lat[0])
+        for n, s in enumerate(samples):
+            images = [s.source, *s.refs]
+            emb, mask = encode_prompt(self.pipe, s.item.prompt, images)
+            nemb, nmask = encode_prompt(self.pipe, "", images)
+            w, h = s.source.size
+            if s.mask is None:
+                mask_latent = torch.ones(1, h // 8, w // 8)
+            else:
+                m = torch.from_numpy(binarize_mask(s.mask).astype("float32"))[None, None]
+                mask_latent = F.avg_pool2d(m, 8)[0]
+            out[n].update({
+                "prompt_emb": self._store(emb[0]), "prompt_emb_mask": mask[0].to("cpu", torch.int64).contiguous(),
+                "nega_prompt_emb": self._store(nemb[0]),
+                "nega_prompt_emb_mask": nmask[0].to("cpu", torch.int64).contiguous(),
+                "sub_noise": self.white(s.box.width, s.box.height).clone(),
+                "mask_latent": mask_latent.float().contiguous(),
+                "subyx": torch.tensor(s.box.to_subyx(), dtype=torch.int64),
+                "size": torch.tensor([h, w], dtype=torch.int64),
+            })
+        return out
+
+
+# ---- files ---------------------------------------------------------------------------------------------------------
+def entry_record(item: _Item, shapes: dict[str, list[int]], nbytes: int) -> dict[str, Any]:
+    """Manifest record of one sample from its tensor shapes."""
+    _, h, w = shapes["input_latents"]
+    _, sh, sw = shapes["sub_input_latents"]
+    ek = edit_keys(shapes)
+    return {"file": item.file, "hash": item.hash, "index": item.index, "size": [h * 8, w * 8],
+            "sub_size": [sh * 8, sw * 8], "num_edit": len(ek),
+            "edit_sizes": [[shapes[k][1] * 8, shapes[k][2] * 8] for k in ek],
+            "prompt_len": shapes["prompt_emb"][0], "nega_len": shapes["nega_prompt_emb"][0], "bytes": nbytes}
+
+
+def _kill_hook(stage: str, count: int) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if spec:
+        want, _, n = spec.partition(":")
+        if want == stage and int(n) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Writer:
+    """Writes sample files atomically in a background thread (serialisation + fsync overlap the next encode)."""
+
+    def __init__(self, cache_dir: Path, settings: CacheSettings,
+                 on_done: Callable[[_Item, dict | None, str | None], None], rank: int = 0):
+        self.cache_dir, self.settings, self.on_done, self.rank = cache_dir, settings, on_done, rank
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def submit(self, item: _Item, tensors: dict[str, torch.Tensor]) -> None:
+        while len(self.pending) >= 4:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, item, tensors))
+
+    def _write(self, item: _Item, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save
+
+        try:
+            meta = {"format": FORMAT, "id": item.id, "index": str(item.index), "prompt": item.prompt,
+                    "edit_type": item.edit_type or "", "hash": item.hash or "", "variant": self.settings.variant,
+                    "dtype": self.settings.dtype, "num_edit": str(len(edit_keys(tensors)))}
+            data = save(tensors, metadata=meta)
+            final = self.cache_dir / item.file
+            with self.lock:
+                self.count += 1
+                n = self.count
+            with atomic_path(final) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _kill_hook("during", n)
+            if os.environ.get(LOG_ENV):
+                with open(os.environ[LOG_ENV], "a") as f:
+                    f.write(f"{self.rank} {item.id}\n")
+            _kill_hook("after", n)
+            shapes = {k: list(v.shape) for k, v in tensors.items()}
+            self.on_done(item, entry_record(item, shapes, len(data)), None)
+        except Exception as e:  # disk full, permissions: report the sample, keep going
+            self.on_done(item, None, f"cannot write {self.cache_dir / item.file}: {type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+        self.pool.shutdown(wait=True)
+
+
+def _scan_item(item: _Item, fingerprint: str, cache_dir: Path) -> tuple[str | None, dict | None, str | None]:
+    """(hash, record if a valid file exists, failure reason)."""
+    try:
+        h = sample_hash(fingerprint, item.prompt, item.input_files(), item.id, item.edit_type)
+    except FileNotFoundError as e:
+        role = next((r for r, p in item.input_files() if str(p) == e.filename), "input")
+        return None, None, f"{role} {e.filename}: file not found"
+    except OSError as e:
+        return None, None, f"cannot read {e.filename}: {e.strerror}"
+    item.hash = h
+    path = cache_dir / item.file
+    if not path.is_file() or quick_check(path, expected_hash=h) is not None:
+        return h, None, None
+    table, _ = read_header(path)
+    shapes = {k: list(v["shape"]) for k, v in table.items()}
+    try:
+        return h, entry_record(item, shapes, path.stat().st_size), None
+    except (KeyError, ValueError):
+        return h, None, None
+
+
+def _check_weights(src) -> None:
+    """MissingWeightsError (with the how-to) when a component is neither local nor downloadable."""
+    from ..loading import MissingWeightsError, _describe_lookup, download_hint, model_configs_for, resolve_local
+
+    model_configs_for(src, ("text_encoder", "vae"))
+    for name in ("tokenizer", "processor"):
+        if resolve_local(src, name) is None and not src.allow_download:
+            raise MissingWeightsError(f"{name} for Qwen-Image-Edit-{src.variant} not found "
+                                      f"({_describe_lookup(src, name)}); {download_hint(src, name)}")
+
+
+def _cleanup(cache_dir: Path, expected: set[str], prune: bool) -> tuple[list[str], list[str]]:
+    """Remove leftover temporary files; remove (prune) or list sample files no sample maps to."""
+    removed, kept = [], []
+    samples = cache_dir / SAMPLES_DIR
+    for folder in (cache_dir, samples):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+    if samples.is_dir():
+        for p in sorted(samples.glob("*" + SAMPLE_SUFFIX)):
+            if p.stem in expected:
+                continue
+            rel = f"{SAMPLES_DIR}/{p.name}"
+            if prune:
+                p.unlink(missing_ok=True)
+                removed.append(rel)
+            else:
+                kept.append(rel)
+    return removed, kept
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -> CacheSummary:
+    """Encode `cfg.dataset` into `cfg.cache_dir`. `pipe` (tests, benchmarks): an already loaded pipeline."""
+    t_start = time.perf_counter()
+    dist = _Dist(cfg.device)
+    cache_dir = Path(cfg.cache_dir)
+    summary = CacheSummary(cache_dir)
+
+    # Refuse a cache of another variant before touching anything.
+    try:
+        old = read_manifest(cache_dir)
+    except ValueError:
+        old = None  # unreadable manifest: it is rewritten below
+    if old is not None:
+        try:
+            check_same_variant(cfg.variant, old.get("variant"), "cache directory")
+        except VariantMismatchError as e:
+            raise VariantMismatchError(f"{cache_dir}: {e}; pass another --cache-dir") from None
+    elif cache_dir.is_dir() and any(p for p in cache_dir.iterdir() if p.name not in (SAMPLES_DIR, MANIFEST_NAME)
+                                    and not p.name.startswith(".")):
+        raise CacheRunError(f"{cache_dir} is not empty and has no {MANIFEST_NAME}: choose an empty or cache folder")
+
+    items = load_items(cfg)
+    summary.total = len(items)
+    src = cfg.sources()
+    if pipe is None:
+        _check_weights(src)  # fail before writing anything
+    identity = encoder_identity(src)
+    settings = CacheSettings(cfg.variant, cfg.max_pixels, cfg.dtype, identity["digest"])
+    fingerprint = settings.fingerprint()
+
+    # 1. hash + check existing files: each rank a stride share, then everyone has the whole picture.
+    share = items[dist.rank::dist.world]
+    with ThreadPoolExecutor(max_workers=cfg.num_workers) as ex:
+        scanned = list(ex.map(lambda it: (it.index, *_scan_item(it, fingerprint, cache_dir)), share))
+    results = {idx: (h, rec, err) for part in dist.all_gather(scanned) for idx, h, rec, err in part}
+    valid: dict[int, dict] = {}
+    failures: list[Failure] = []
+    pending: list[_Item] = []
+    for it in items:
+        h, rec, err = results[it.index]
+        it.hash = h
+        if err is not None:
+            failures.append(Failure(it.id, it.index, err))
+        elif rec is not None:
+            valid[it.index] = rec
+        else:
+            pending.append(it)
+    pending.sort(key=lambda it: it.index)
+    # Identical inputs hash to the same file: encode it once.
+    seen_hash: set[str] = set()
+    unique_pending = []
+    for it in pending:
+        if it.hash not in seen_hash:
+            seen_hash.add(it.hash)
+            unique_pending.append(it)
+    mine = unique_pending[dist.rank::dist.world]
+    summary.skipped = len(valid)
+    by_index = {it.index: it for it in items}
+
+    def manifest_entries(records: dict[int, dict]) -> dict[str, dict]:
+        return {by_index[i].id: records[i] for i in sorted(records)}
+
+    if dist.main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(cache_dir, build_manifest(settings, identity, manifest_entries(valid), complete=False,
+                                                 dataset=str(cfg.dataset)))
+    (cache_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    # 2. encode this rank's share.
+    new: dict[int, dict] = {}
+    my_failures: list[Failure] = []
+    lock = threading.Lock()
+    if mine:
+        if pipe is None:
+            from ..loading import load_pipeline
+
+            pipe = load_pipeline(src, components=("text_encoder", "vae", "tokenizer", "processor"),
+                                 device=dist.device, torch_dtype=TORCH_DTYPES[cfg.dtype])
+        elif pipe.torch_dtype != TORCH_DTYPES[cfg.dtype]:
+            raise CacheRunError(f"the given pipeline is {pipe.torch_dtype}, the config asks for {cfg.dtype}")
+        from tqdm.auto import tqdm
+
+        t_enc = time.perf_counter()  # after loading: the rate is the encoding rate
+
+        bar = tqdm(total=len(mine), unit="sample", desc=f"cache {cache_dir.name}" + (
+            f" (rank 0 of {dist.world})" if dist.world > 1 else ""), disable=not (cfg.progress and dist.main),
+            dynamic_ncols=True)
+        last_manifest = [time.monotonic()]
+
+        def on_done(item: _Item, rec: dict | None, err: str | None) -> None:
+            with lock:
+                if rec is not None:
+                    new[item.index] = rec
+                else:
+                    my_failures.append(Failure(item.id, item.index, err or "unknown error"))
+            bar.update(1)
+            if dist.main and time.monotonic() - last_manifest[0] > cfg.manifest_every:
+                last_manifest[0] = time.monotonic()
+                with lock:
+                    recs = {**valid, **new}
+                write_manifest(cache_dir, build_manifest(settings, identity, manifest_entries(recs), complete=False,
+                                                         dataset=str(cfg.dataset)))
+
+        encoder = SampleEncoder(pipe, TORCH_DTYPES[cfg.dtype], cfg.batch_size)
+        writer = _Writer(cache_dir, settings, on_done, dist.rank)
+        loader = ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="cache-reader")
+        queue: collections.deque[tuple[_Item, Future]] = collections.deque()
+        todo = iter(mine)
+        depth = cfg.batch_size + 2 * cfg.num_workers
+
+        def fill() -> None:
+            while len(queue) < depth:
+                it = next(todo, None)
+                if it is None:
+                    return
+                queue.append((it, loader.submit(prepare_sample, it, cfg.max_pixels)))
+
+        try:
+            fill()
+            while queue:
+                batch: list[_Prepared] = []
+                while queue and len(batch) < cfg.batch_size:
+                    it, fut = queue.popleft()
+                    try:
+                        batch.append(fut.result())
+                    except SampleError as e:
+                        on_done(it, None, str(e))
+                    except Exception as e:
+                        on_done(it, None, f"cannot prepare: {type(e).__name__}: {e}")
+                    fill()
+                if not batch:
+                    continue
+                for prepared, tensors in _encode_isolated(encoder, batch, on_done):
+                    writer.submit(prepared.item, tensors)
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
+            writer.close()
+            bar.close()
+        summary.encode_seconds = time.perf_counter() - t_enc
+
+    # 3. gather, final manifest, cleanup.
+    gathered = dist.all_gather((new, [f.as_dict() for f in my_failures], summary.encode_seconds))
+    dist.barrier()
+    all_new: dict[int, dict] = {}
+    for part_new, part_fail, secs in gathered:
+        all_new.update(part_new)
+        summary.per_rank.append(len(part_new))
+        failures += [Failure(**f) for f in part_fail]
+        summary.encode_seconds = max(summary.encode_seconds, secs)
+    # Duplicates of an encoded file share its record.
+    by_hash = {rec["hash"]: rec for rec in (*valid.values(), *all_new.values())}
+    records = dict(valid)
+    done_idx = {f.index for f in failures}
+    for it in items:
+        if it.index in records or it.index in done_idx:
+            continue
+        rec = all_new.get(it.index) or by_hash.get(it.hash or "")
+        if rec is not None:
+            records[it.index] = {**rec, "index": it.index}
+        else:  # a duplicate of a sample that failed
+            failures.append(Failure(it.id, it.index, "not cached: an identical sample failed"))
+    summary.encoded = len(all_new)
+    failures.sort(key=lambda f: f.index)
+    summary.failed = failures
+    summary.bytes_on_disk = sum(r["bytes"] for r in {r["hash"]: r for r in records.values()}.values())
+    if dist.main:
+        write_manifest(cache_dir, build_manifest(settings, identity, manifest_entries(records), complete=True,
+                                                 failed=[f.as_dict() for f in failures], dataset=str(cfg.dataset)))
+        expected = {it.hash for it in items if it.hash}
+        summary.orphans_removed, summary.orphans_kept = _cleanup(
+            cache_dir, expected, prune=cfg.prune and cfg.limit is None)
+    dist.barrier()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _encode_isolated(encoder: SampleEncoder, batch: list[_Prepared], on_done) -> list[tuple[_Prepared, dict]]:
+    """Encode a batch; if it fails, encode its samples one by one so one bad sample does not sink the others."""
+    try:
+        return list(zip(batch, encoder.encode(batch)))
+    except Exception as e:
+        if len(batch) == 1:
+            on_done(batch[0].item, None, f"cannot encode: {type(e).__name__}: {e}")
+            return []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out = []
+    for s in batch:
+        out += _encode_isolated(encoder, [s], on_done)
+    return out

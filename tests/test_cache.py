@@ -1,0 +1,343 @@
+"""Phase-1 cache: equality with the editor, resume after a kill, stale detection, failures, verify, two ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> str:
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(path)
+    return path.name
+
+
+def make_sample(root: Path, name: str, w: int, h: int, seed: int, mask_box=None, ref_size=None,
+                prompt: str | None = None) -> dict:
+    """Source (noise), target (source with a coloured box), optional mask (the box) and extra reference."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    tgt = src.copy()
+    entry = {"prompt": prompt or f"Picture 1 is the image to modify. Paint the box {name}.", "id": name,
+             "edit_type": "recolor"}
+    if mask_box is not None:
+        y1, y2, x1, x2 = mask_box
+        tgt[y1:y2, x1:x2] = (200, 30 + seed % 200, 60)
+        m = np.zeros((h, w), np.uint8)
+        m[y1:y2, x1:x2] = 255
+        entry["back_mask"] = _png(root / f"{name}_mask.png", m, "L")
+    else:
+        tgt[: h // 2] = 255 - tgt[: h // 2]
+    entry["image"] = _png(root / f"{name}_target.png", tgt)
+    entry["edit_image"] = [_png(root / f"{name}_source.png", src)]
+    if ref_size is not None:
+        rw, rh = ref_size
+        entry["edit_image"].append(_png(root / f"{name}_ref.png", rng.integers(0, 256, (rh, rw, 3), dtype=np.uint8)))
+    return entry
+
+
+def write_dataset(root: Path, entries: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "dataset.json"
+    path.write_text(json.dumps(entries, indent=1))
+    return path
+
+
+def simple_dataset(root: Path, n: int = 3, size: tuple[int, int] = (32, 32)) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return write_dataset(root, [make_sample(root, f"s{i}", *size, seed=i, mask_box=(4, 12, 6, 20)) for i in range(n)])
+
+
+def run_inproc(capsys, *args: str) -> tuple[int, str]:
+    from diffsynth_edit.cache.cli import main_cache
+
+    rc = main_cache([*map(str, args), "--progress", "false"])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def cache_args(dataset: Path, cache_dir: Path, tiny_root: Path, *extra) -> list[str]:
+    return ["--dataset", str(dataset), "--cache-dir", str(cache_dir), "--model-root", str(tiny_root), *map(str, extra)]
+
+
+def sub_env(**extra) -> dict:
+    env = {**os.environ, "DIFFSYNTH_SKIP_DOWNLOAD": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_sub(args: list[str], env: dict, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_2511.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sample_files(cache_dir: Path) -> list[str]:
+    return sorted(p.name for p in (cache_dir / "samples").glob("*.safetensors"))
+
+
+def verify(cache_dir: Path, capsys) -> tuple[int, str]:
+    from diffsynth_edit.cache.cli import main_verify
+
+    rc = main_verify(["--cache-dir", str(cache_dir)])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+# ---- equality with the editor --------------------------------------------------------------------------------------
+def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
+    from diffsynth_edit.cache import open_cache
+    from diffsynth_edit.editor import EditRequest, EditSettings, Editor, fit_image, to_rgb
+    from diffsynth_edit.encoding import vae_encode, white_latents
+
+    data = tmp_path / "data"
+    data.mkdir()
+    entries = [
+        make_sample(data, "masked_ref", 64, 64, 1, mask_box=(8, 24, 20, 44), ref_size=(48, 32)),
+        make_sample(data, "nomask", 64, 64, 2),
+        make_sample(data, "wide", 48, 32, 3, mask_box=(3, 17, 5, 30)),
+        make_sample(data, "resized", 80, 80, 4, mask_box=(40, 70, 10, 30)),  # 80² > max_pixels: scaled to 64²
+    ]
+    dataset = write_dataset(data, entries)
+    max_pixels = 64 * 64
+    rc, out = run_inproc(capsys, *cache_args(dataset, tmp_path / "cache", tiny_root, "--dtype", "fp32",
+                                             "--max-pixels", max_pixels, "--batch-size", 3))
+    assert rc == 0, out
+    index = open_cache(tmp_path / "cache")
+    assert index.variant == "2511" and index.zero_cond_t is True and len(index) == 4
+    assert [e.id for e in index.entries] == [e["id"] for e in entries]
+    editor = Editor(tiny_pipe, variant="2511")
+    settings = EditSettings(max_pixels=max_pixels)
+    for info, e in zip(index.entries, entries):
+        s = index.load(index.entries.index(info))
+        req = EditRequest(image=Image.open(data / e["edit_image"][0]), prompt=e["prompt"],
+                          mask=Image.open(data / e["back_mask"]) if "back_mask" in e else None,
+                          references=[Image.open(data / p) for p in e["edit_image"][1:]])
+        prep = editor.prepare(req, settings)
+        w, h = prep.size
+        assert s.size == (h, w) == info.size
+        assert info.num_edit == len(s.edit_latents) == len(prep.edit_latents)
+        for got, want in zip(s.edit_latents, prep.edit_latents):
+            torch.testing.assert_close(got, want[0].float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.prompt_emb, prep.prompt_emb[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.nega_prompt_emb, prep.nega_emb[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(s.prompt_emb_mask, prep.prompt_mask[0].cpu().long())
+        assert torch.equal(s.nega_prompt_emb_mask, prep.nega_mask[0].cpu().long())
+        assert torch.equal(s.subyx, prep.subyx[0]) and s.subyx.dtype == torch.long
+        torch.testing.assert_close(s.mask_latent, prep.mask_latent[0].cpu().float())
+        # target at the source's size; ref_gt crop = target through the mask onto white; white sub start
+        target = fit_image(to_rgb(Image.open(data / e["image"])), max_pixels)[0]
+        torch.testing.assert_close(s.input_latents, vae_encode(tiny_pipe, [target])[0][0], atol=1e-5, rtol=1e-5)
+        white = Image.new("RGB", target.size, (255, 255, 255))
+        pasted = target if prep.mask is None else Image.composite(target, white, prep.mask)
+        crop = pasted.crop(prep.box.pil_box())
+        assert info.sub_size == (prep.box.height, prep.box.width)
+        torch.testing.assert_close(s.sub_input_latents, vae_encode(tiny_pipe, [crop])[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.sub_noise, white_latents(tiny_pipe, prep.box.width, prep.box.height)[0],
+                                   atol=1e-5, rtol=1e-5)
+        assert s.metadata["prompt"] == e["prompt"] and s.metadata["edit_type"] == "recolor"
+    assert index.entries[3].size == (64, 64)  # resized
+    assert index.entries[1].sub_size == (64, 64)  # no mask: whole image
+    rc, out = verify(tmp_path / "cache", capsys)
+    assert rc == 0, out
+
+
+# ---- reader errors -------------------------------------------------------------------------------------------------
+def test_open_cache_errors(tmp_path):
+    from diffsynth_edit.cache import CacheError, open_cache
+
+    with pytest.raises(CacheError, match="does not exist"):
+        open_cache(tmp_path / "nope")
+    with pytest.raises(CacheError, match=r"no manifest.json in .*train_2511.py cache` first"):
+        open_cache(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="not valid JSON"):
+        open_cache(tmp_path)
+
+
+def test_preset_and_overrides():
+    from diffsynth_edit.cache.encode import CacheConfig
+    from diffsynth_edit.config import parse_config
+
+    for v in ("2511", "2509"):
+        cfg = parse_config(CacheConfig, ["--preset", str(REPO / f"configs/cache_{v}.toml"), "--dtype", "fp32",
+                                         "--limit", "2"], section="cache")
+        assert cfg.variant == v and cfg.dtype == "fp32" and cfg.limit == 2 and cfg.max_pixels == 1048576
+    with pytest.raises(SystemExit):
+        parse_config(CacheConfig, ["--variant", "2512", "--dataset", "x.json"], section="cache")
+
+
+# ---- interrupted run resumed ---------------------------------------------------------------------------------------
+def test_killed_run_resumes(tiny_root, tmp_path, capsys, monkeypatch):
+    from diffsynth_edit.cache import CacheError, open_cache
+
+    dataset = simple_dataset(tmp_path / "data", n=5)
+    cache = tmp_path / "cache"
+    log = tmp_path / "writes.log"
+    args = cache_args(dataset, cache, tiny_root, "--batch-size", 1, "--num-workers", 1, "--manifest-every", 0)
+    # SIGKILL while the 3rd entry's temporary file is complete but not yet renamed
+    r = run_sub(["cache", *args, "--progress", "false"],
+                sub_env(DIFFSYNTH_EDIT_CACHE_TEST_KILL="during:3", DIFFSYNTH_EDIT_CACHE_TEST_LOG=log))
+    assert r.returncode == -9, r.stdout + r.stderr
+    assert len(sample_files(cache)) == 2 and list((cache / "samples").glob(".*.tmp"))
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(cache)
+    partial = open_cache(cache, allow_incomplete=True)  # the incremental manifest lists only finished files
+    assert [e.id for e in partial.entries] == ["s0", "s1"] and partial.load(1).id == "s1"
+    rc, out = verify(cache, capsys)
+    assert rc == 1 and "incomplete" in out
+    # run again (in-process): finishes the rest, skips the valid entries
+    monkeypatch.setenv("DIFFSYNTH_EDIT_CACHE_TEST_LOG", str(log))
+    rc, out = run_inproc(capsys, *args)
+    assert rc == 0 and "encoded 3, skipped 2 valid, failed 0" in out, out
+    written = [line.split()[1] for line in log.read_text().splitlines()]
+    assert sorted(written) == [f"s{i}" for i in range(5)]  # every sample encoded exactly once over both runs
+    assert len(sample_files(cache)) == 5 and not list((cache / "samples").glob(".*.tmp"))
+    assert len(open_cache(cache)) == 5
+    rc, out = verify(cache, capsys)
+    assert rc == 0, out
+
+
+# ---- stale detection -----------------------------------------------------------------------------------------------
+def test_stale_entries_are_reencoded(tiny_root, tmp_path, capsys):
+    from diffsynth_edit.cache import open_cache
+    from diffsynth_edit.variants import VariantMismatchError
+
+    data = tmp_path / "data"
+    dataset = simple_dataset(data, n=3)
+    cache = tmp_path / "cache"
+    args = cache_args(dataset, cache, tiny_root)
+    rc, out = run_inproc(capsys, *args)
+    assert rc == 0 and "encoded 3, skipped 0" in out, out
+    first = sample_files(cache)
+    rc, out = run_inproc(capsys, *args)
+    assert rc == 0 and "encoded 0, skipped 3" in out, out
+    assert sample_files(cache) == first
+
+    # image bytes: one pixel of s0's target changes
+    p = data / "s0_target.png"
+    arr = np.asarray(Image.open(p)).copy()
+    arr[0, 0] = 255 - arr[0, 0]
+    Image.fromarray(arr).save(p)
+    rc, out = run_inproc(capsys, *args)
+    assert rc == 0 and "encoded 1, skipped 2" in out and "removed 1 stale" in out, out
+    after_image = sample_files(cache)
+    assert len(after_image) == 3 and len(set(after_image) & set(first)) == 2
+
+    # prompt
+    entries = json.loads(dataset.read_text())
+    entries[1]["prompt"] += " Carefully."
+    dataset.write_text(json.dumps(entries))
+    rc, out = run_inproc(capsys, *args)
+    assert rc == 0 and "encoded 1, skipped 2" in out, out
+    assert open_cache(cache).load(1).metadata["prompt"].endswith("Carefully.")
+
+    # resolution policy
+    rc, out = run_inproc(capsys, *args, "--max-pixels", 16 * 16)
+    assert rc == 0 and "encoded 3, skipped 0" in out and "removed 3 stale" in out, out
+    index = open_cache(cache)
+    assert all(e.size == (16, 16) for e in index.entries)
+    assert index.manifest["resolution_policy"]["max_pixels"] == 256
+
+    # variant: refused in the same folder, a new folder gets new files
+    rc, out = run_inproc(capsys, *args, "--max-pixels", 16 * 16, "--variant", "2509")
+    assert rc == 2 and "made for Qwen-Image-Edit-2511" in out, out
+    with pytest.raises(VariantMismatchError):
+        open_cache(cache).check_variant("2509")
+    cache09 = tmp_path / "cache_2509"
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache09, tiny_root, "--max-pixels", 16 * 16,
+                                             "--variant", "2509"))
+    assert rc == 0, out
+    idx09 = open_cache(cache09)
+    assert idx09.variant == "2509" and idx09.zero_cond_t is False
+    assert not set(sample_files(cache09)) & set(sample_files(cache))
+
+
+# ---- bad samples ---------------------------------------------------------------------------------------------------
+def test_bad_samples_reported_others_cached(tiny_root, tmp_path, capsys):
+    from diffsynth_edit.cache import open_cache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    entries = [make_sample(data, f"s{i}", 32, 32, seed=i, mask_box=(4, 12, 4, 12)) for i in range(5)]
+    (data / entries[1]["edit_image"][0]).unlink()  # missing source
+    (data / entries[2]["back_mask"]).write_bytes(b"this is not a png")  # corrupt mask
+    Image.new("L", (32, 32), 0).save(data / entries[3]["back_mask"])  # empty mask
+    dataset = write_dataset(data, entries)
+    cache = tmp_path / "cache"
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache, tiny_root))
+    assert rc == 1, out
+    assert "encoded 2, skipped 0 valid, failed 3" in out
+    assert f"id s1 (index 1): edit_image.0 {data / 's1_source.png'}: file not found" in out
+    assert f"id s2 (index 2): back_mask {data / 's2_mask.png'}: cannot read image" in out
+    assert "id s3 (index 3): back_mask" in out and "mask is empty" in out
+    index = open_cache(cache)
+    assert [e.id for e in index.entries] == ["s0", "s4"]
+    assert [f["id"] for f in index.manifest["failed"]] == ["s1", "s2", "s3"]
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache, tiny_root, "--allow-failures", "true"))
+    assert rc == 0 and "encoded 0, skipped 2 valid, failed 3" in out, out
+
+
+# ---- verify --------------------------------------------------------------------------------------------------------
+def test_verify_catches_truncated_and_nan(tiny_root, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    dataset = simple_dataset(tmp_path / "data", n=3, size=(48, 32))
+    cache = tmp_path / "cache"
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache, tiny_root))
+    assert rc == 0, out
+    rc, out = verify(cache, capsys)
+    assert rc == 0 and "3 entries checked, all valid" in out, out
+    files = [cache / "samples" / f for f in sample_files(cache)]
+    truncated, nan = files[0], files[1]
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    tensors = load_file(str(nan))
+    with safe_open(str(nan), "pt") as f:
+        meta = f.metadata()
+    tensors["prompt_emb"][0, 0] = float("nan")
+    save_file(tensors, str(nan), metadata=meta)
+    rc, out = verify(cache, capsys)
+    assert rc == 1, out
+    assert f"{truncated}: " in out and "truncated" in out
+    assert f"{nan}: " in out and "prompt_emb: 1 non-finite value(s)" in out
+    assert "2 bad file(s)" in out
+    # the next cache run re-encodes the truncated entry (its header check fails); the NaN one needs deleting
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache, tiny_root))
+    assert rc == 0 and "encoded 1, skipped 2" in out, out
+
+
+# ---- two ranks -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_process_run_encodes_each_sample_once(tiny_root, tmp_path, capsys):
+    from diffsynth_edit.cache import open_cache
+
+    dataset = simple_dataset(tmp_path / "data", n=5, size=(32, 32))
+    cache = tmp_path / "cache"
+    log = tmp_path / "writes.log"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           str(REPO / "train_2511.py"), "cache",
+           *cache_args(dataset, cache, tiny_root, "--progress", "false", "--num-workers", 1)]
+    r = subprocess.run(cmd, cwd=REPO, env=sub_env(ACCELERATE_USE_CPU="true", DIFFSYNTH_EDIT_CACHE_TEST_LOG=log),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "encoded 5, skipped 0 valid, failed 0" in r.stdout
+    assert "encoded per rank: [3, 2]" in r.stdout
+    writes = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(i for _, i in writes) == [f"s{i}" for i in range(5)]  # each sample exactly once
+    assert {rank for rank, _ in writes} == {"0", "1"}
+    assert len(open_cache(cache)) == 5 and len(sample_files(cache)) == 5
+    rc, out = verify(cache, capsys)
+    assert rc == 0, out
