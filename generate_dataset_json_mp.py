@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Raw image folders -> dataset JSON (in parallel), plus validation and synthetic sample data.
 
-    python generate_dataset_json_mp.py build --source-dir raw/src --target-dir raw/tgt [--mask-dir raw/mask] \
-        --out data/mydataset.json
+    python generate_dataset_json_mp.py build --source-dir RAW/src --target-dir RAW/tgt --out data/mydataset.json
     python generate_dataset_json_mp.py validate data/mydataset.json
     python generate_dataset_json_mp.py sample-data --out data/raw_sample
 

@@ -232,6 +232,19 @@ def test_ref_dir_pairs_refs_by_stem_and_number(tmp_path):
     assert [p["file"] for p in problems(s, "unused_file")] == [str(raw / "refs" / "zzz_1.png")]
 
 
+def test_corrupt_reference_rejects_its_sample_without_leftovers(tmp_path):
+    raw = tmp_path / "raw"
+    make_raw_pair(raw, "x")
+    make_raw_pair(raw, "y")
+    (raw / "refs").mkdir()
+    (raw / "refs" / "y_1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    s = build(tmp_path, ref_dir=raw / "refs")
+    assert [r["id"] for r in s.records] == ["x"]
+    (p,) = problems(s, "decode_error")
+    assert p["id"] == "y" and p["file"] == str(raw / "refs" / "y_1.png")
+    assert not [f for f in files_under(tmp_path / "out" / "ds_files") if f.stem.startswith("y")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # image formats and modes
 
@@ -315,6 +328,24 @@ def test_build_accepts_every_common_format_and_mode(tmp_path):
         assert out.mode == "RGB" and out.size == (w, h)
     rgba = next(r for r in s.records if r["id"] == "png_rgba")
     assert np.array_equal(arr(tmp_path / "out" / rgba["image"]), cases["png_rgba"])
+
+
+def test_exif_rotated_source_pairs_with_an_upright_target(tmp_path):
+    raw = tmp_path / "raw"
+    upright = rgb(64, 32, 3)  # 32 wide, 64 high as displayed
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # stored 64x32; orientation 6 turns it back upright
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    save(im, raw / "source" / "a.jpg", exif=exif.tobytes(), quality=100, subsampling=0)
+    tgt = upright.copy()
+    tgt[8:24, 8:24] = (250, 250, 0)
+    save(tgt, raw / "target" / "a.png")
+    s = build(tmp_path, instruction="x", max_bg_change=1.0)
+    assert not s.errors, s.format()
+    src_out = Image.open(tmp_path / "out" / s.records[0]["edit_image"][0])
+    assert src_out.size == (32, 64) and s.records[0]["edit_image"][0].endswith(".png")  # re-encoded, upright
+    assert np.abs(np.asarray(src_out).astype(int) - upright).mean() < 3  # JPEG-close to the upright pixels
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -663,6 +663,12 @@ def _process(spec: SampleSpec, st: BuildSettings) -> SampleResult:
         box: Box = mask_bbox(binary, (size[1], size[0]))
     except EmptyMaskError:  # pragma: no cover - area > 0 above
         raise SampleError(_err("empty_mask", spec.mask or spec.target, spec.id, "mask is empty")) from None
+    refs = []  # decoded before anything is written, so a bad reference leaves no outputs behind
+    for i, ref_path in enumerate(spec.refs, 1):  # references keep their own size (fitted, 16-aligned)
+        ref_dec = _decode(ref_path, raw[f"ref_{i}"], spec.id)
+        ref_img = _rgb(ref_dec, ref_path, spec.id)
+        ref_size = fit_size(ref_img.width, ref_img.height, st.max_pixels)
+        refs.append((ref_img.resize(ref_size, Image.LANCZOS) if ref_img.size != ref_size else ref_img, ref_dec))
     outputs: dict[str, int] = {}
     files = st.files_dir
 
@@ -687,14 +693,8 @@ def _process(spec: SampleSpec, st: BuildSettings) -> SampleResult:
         edit0 = put("fixed", spec.id, Image.composite(src_img, tgt_img, mask_l))
     else:
         edit0 = put("source", spec.id, src_img, src_dec, raw["source"])
-    edit_rest = []
-    for i, ref_path in enumerate(spec.refs, 1):  # references keep their own size (fitted, 16-aligned)
-        ref_dec = _decode(ref_path, raw[f"ref_{i}"], spec.id)
-        ref_img = _rgb(ref_dec, ref_path, spec.id)
-        ref_size = fit_size(ref_img.width, ref_img.height, st.max_pixels)
-        if ref_img.size != ref_size:
-            ref_img = ref_img.resize(ref_size, Image.LANCZOS)
-        edit_rest.append(put("refs", f"{spec.id}_{i}", ref_img, ref_dec, raw[f"ref_{i}"], expect=ref_size))
+    edit_rest = [put("refs", f"{spec.id}_{i}", img, dec, raw[f"ref_{i}"], expect=img.size)
+                 for i, (img, dec) in enumerate(refs, 1)]
     mask_rel = put("mask", spec.id, mask_l)
     ref_gt = Image.composite(tgt_img, Image.new("RGB", size, WHITE), mask_l)  # the target on white
     ref_gt_rel = put("ref_gt", spec.id, ref_gt)

@@ -36,7 +36,7 @@ class ValidateConfig:
     swap_check: bool = field(default=True, metadata={"help": "warn where image / edit_image[0] look swapped"})
     strict: bool = field(default=False, metadata={"help": "treat warnings as errors"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    max_problems: int = field(default=200, metadata={"help": "print at most this many problems (all in --json)"})
+    max_problems: int = field(default=200, metadata={"help": "print at most this many problems"})
 
     def validate(self) -> None:
         if self.dataset is None:
