@@ -83,6 +83,21 @@ class TinyQwenImageVAE(QwenImageVAE):
         super().__init__(base_dim=8, num_res_blocks=1)
 
 
+@torch.no_grad()
+def calibrate_tiny_vae(vae: QwenImageVAE, seed: int = 0) -> QwenImageVAE:
+    """Make a random VAE's latents carry the image: zero the biases (a random net's constant offsets otherwise drown
+    the input) and scale `quant_conv` so latents of blocky random images vary with unit std across images. Learning
+    tests then see edits in latent space; the decoder stays random (the tiny model does not reconstruct images)."""
+    for name, p in vae.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g) * 2 - 1, size=64, mode="nearest")
+    spread = vae.encode(images).std(0).mean()
+    vae.quant_conv.weight.mul_(1.0 / float(spread))
+    return vae
+
+
 TINY_CLASSES = {
     "qwen_image_dit": f"{__name__}.TinyQwenImageDiT",
     "qwen_image_text_encoder": f"{__name__}.TinyQwenImageTextEncoder",
@@ -170,7 +185,7 @@ def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch
     te = TinyQwenImageTextEncoder()
     te_sd = {k: v.to(dtype).contiguous() for k, v in _text_encoder_to_hf_keys(te.state_dict()).items()}
     files["qwen_image_text_encoder"] = root / "Qwen/Qwen-Image/text_encoder/model.safetensors"
-    vae = TinyQwenImageVAE()
+    vae = calibrate_tiny_vae(TinyQwenImageVAE().eval())
     vae_sd = {k: v.to(dtype).contiguous() for k, v in vae.state_dict().items()}
     files["qwen_image_vae"] = root / "Qwen/Qwen-Image/vae/diffusion_pytorch_model.safetensors"
     for name, sd in (("qwen_image_text_encoder", te_sd), ("qwen_image_vae", vae_sd)):
