@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""LBM on the full-size 2511 models (random weights): one training step, and end-to-end 1- and 4-step edits.
+
+    python bench/bench_lbm.py          # GPU: 1024² source, mask box 512², bf16
+    python bench/bench_lbm.py --tiny   # CPU smoke test
+
+(1) one LBM optimizer step (batch 1, gradient checkpointing): bridge mode + STE, 17 targets, rank 512,
+    ProdigyPlusScheduleFree; trainables fp32, or bf16 if fp32 does not fit the card (reported).
+(2) end-to-end edits through the workspace editor, `Editor.edit` = prompt encoding (positive only: LBM runs at
+    cfg 1) + VAE encode + DiT steps + VAE decode of main and sub streams, bridge mode with STE, steps 1 and 4;
+    eager, then with every DiT block torch.compile'd (compile time excluded: 2 warm-up edits).
+Writes $OUT/lbm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from PIL import Image
+
+from bench_cache import build_full_pipeline, build_tiny_pipeline
+from bench_dit_forward import build_full_dit, build_tiny_dit
+from bench_train_step import strip_lora, sync, time_steps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-compile", action="store_true")
+    a = p.parse_args()
+    device = "cpu" if a.tiny else "cuda"
+    dtype = torch.float32 if a.tiny else torch.bfloat16
+    size, box = (64, 32) if a.tiny else (1024, 512)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    rows = []
+    dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+
+    from diffsynth_edit.ste import STE
+    from diffsynth_edit.variants import LORA_TARGETS_2511
+
+    if not a.skip_train:
+        from diffsynth_edit.training.config import TrainConfig
+        from diffsynth_edit.training.lora import inject_lora
+        from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
+        from diffsynth_edit.training.losses import make_lbm_inputs
+
+        text_dim = 64 if a.tiny else 3584
+        g = torch.Generator().manual_seed(0)
+        lat = lambda h, w: torch.randn(1, 16, h // 8, w // 8, generator=g).to(device, dtype)  # noqa: E731
+        t0 = (box // 2) // 16
+        batch = {"ids": ["x"], "input_latents": lat(size, size), "edit_latents": [lat(size, size)],
+                 "sub_input_latents": lat(box, box), "sub_noise": lat(box, box),
+                 "prompt_emb": (torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype),
+                 "prompt_emb_mask": torch.ones(1, 256, dtype=torch.long, device=device),
+                 "subyx": torch.tensor([[t0, t0 + box // 16, t0, t0 + box // 16]], device=device)}
+        rank = 8 if a.tiny else 512
+        for tdtype in (torch.float32, torch.bfloat16):
+            cfg = TrainConfig(objective="lbm", mode="bridge", lora_rank=rank, optimizer="prodigy")
+            params = inject_lora(dit, rank, float(rank), LORA_TARGETS_2511, tdtype)
+            ste = STE.for_dit(dit).to(device=device, dtype=tdtype)
+            params += list(ste.parameters())
+            model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)
+            optim = build_optimizer(cfg, params)
+            gens = [torch.Generator().manual_seed(1)]
+
+            def step():
+                noised = make_lbm_inputs(batch, gens, True, cfg.lbm_grid, None, cfg.bridge_sigma)
+                loss, _, _ = model(batch, noised)
+                loss.backward()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+
+            label = f"LBM training step: bridge + STE, rank {rank}, 17 targets, Prodigy, {str(tdtype)[6:]} trainables"
+            try:
+                med, peak, _ = time_steps(step, device, 2, a.repeats)
+                rows.append((label, f"{med:.3f} s", f"{peak:.1f}"))
+                done = True
+            except torch.OutOfMemoryError:
+                rows.append((label, "out of memory", "—"))
+                done = False
+            del optim, model, params, ste
+            strip_lora(dit)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if done:
+                break
+
+    # ---- end-to-end edits --------------------------------------------------------------------------------------
+    from diffsynth_edit.editor import EditRequest, EditSettings, Editor
+
+    if a.tiny:
+        import tempfile
+        from pathlib import Path
+
+        pipe = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", device, dtype)
+    else:
+        pipe = build_full_pipeline(device, dtype)
+    pipe.dit = dit
+    ste = STE.for_dit(dit).to(device=device, dtype=torch.float32).eval()
+    editor = Editor(pipe, variant="2511", ste=ste)
+    src = Image.new("RGB", (size, size), (120, 160, 200))
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, ((size - box) // 2 + 4, (size - box) // 2 + 4, (size + box) // 2 - 4, (size + box) // 2 - 4))
+    request = EditRequest(image=src, prompt="Picture 1 is the image to modify. Replace the object with a red cube.",
+                          mask=mask)
+
+    def timed_edit(steps, label):
+        settings = EditSettings(sampler="lbm", steps=steps, cfg_scale=1.0)
+        for _ in range(2):
+            editor.edit(request, settings)
+        times = []
+        for _ in range(a.repeats):
+            sync(device)
+            t = time.perf_counter()
+            editor.edit(request, settings)
+            sync(device)
+            times.append(time.perf_counter() - t)
+        rows.append((label + f", {steps} step{'s' if steps > 1 else ''}", f"{statistics.median(times):.3f} s",
+                     f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device == "cuda" else "—"))
+
+    with torch.no_grad():
+        for steps in (1, 4):
+            timed_edit(steps, "end-to-end LBM edit, eager")
+        if not a.skip_compile:
+            for block in dit.transformer_blocks:
+                block.compile()
+            for steps in (1, 4):
+                timed_edit(steps, "end-to-end LBM edit, compiled blocks")
+
+    lines = [f"Card: {name}; torch {torch.__version__}; {size}² source with a {box}² mask box (sub stream), bf16; "
+             f"median of {a.repeats}", "", "| case | time | peak GiB |", "| --- | --- | --- |"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "lbm.md"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
