@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""DiT forward and 40-step CFG edit timings: upstream diffsynth vs the workspace's bridge forward and sampler.
+
+    python bench/bench_dit_forward.py            # GPU (H100/H200): full-size 2511 DiT, random weights, bf16
+    python bench/bench_dit_forward.py --tiny     # CPU smoke test with the tiny DiT (seconds)
+
+Full-size setup: QwenImageDiT() built on the meta device, cast to bf16, materialised on the GPU with `to_empty`, every
+weight drawn from N(0, 0.02), biases 0, norm scales 1 (the values do not change the timings). Inputs: a 1024² target
+and one 1024² reference (latents 1×16×128×128 each), a random 256-token prompt embedding (3584 wide); the negative
+prompt for CFG has 200 tokens. Timed (each under torch.no_grad, CUDA-synchronised, 2 warm-ups, median of ≥ 5):
+  (a) upstream `model_fn_qwen_image(..., edit_latents=[e], zero_cond_t=True)`
+  (b) workspace `bridge_forward`, plain mode, same inputs (outputs compared with (a): max abs diff)
+  (c) workspace `bridge_forward`, bridge mode: + a 512² sub box (1,024 more tokens) and the STE (float32, as the
+      editor runs it); (c′) the same layout without the STE, (c″) with the STE in bf16
+  (d) a whole 40-step CFG edit (cfg 4) through the workspace editor's sampling loop, CFG batched (one DiT call of
+      batch 2 per step; the shorter negative prompt is padded and masked), plain mode; (d′) the same, CFG not batched
+  (e) an upstream-style 40-step CFG loop: 80 sequential `model_fn_qwen_image` calls with the Qwen-Image scheduler
+  (f) as (d) in bridge mode (sub box + STE)
+(d)–(f) are timed once each (after one warm-up step), as they take tens of seconds. Peak memory is
+torch.cuda.max_memory_allocated per section (weights included). The markdown table is printed and, when the
+environment variable OUT is set, written to $OUT/dit_forward.md (plus dit_forward.json).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny DiT")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
+    p.add_argument("--size", type=int, default=None, help="target/reference side in px (default 1024; tiny 128)")
+    p.add_argument("--sub", type=int, default=None, help="sub box side in px (default 512; tiny 64)")
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--nega-tokens", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; tiny 4)")
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help="timed forwards per case (default 5; tiny 3)")
+    p.add_argument("--skip-loops", action="store_true", help="only the single-forward cases (a)-(c)")
+    p.add_argument("--skip-bridge-loop", action="store_true", help="skip (f)")
+    p.add_argument("--skip-sequential-cfg", action="store_true", help="skip (d′)")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="folder for dit_forward.md (default $OUT)")
+    return p.parse_args(argv)
+
+
+# ---- model ---------------------------------------------------------------------------------------------------------
+def build_full_dit(device: str, dtype: torch.dtype):
+    from diffsynth.models.qwen_image_dit import QwenEmbedRope, QwenImageDiT
+
+    with torch.device("meta"):
+        dit = QwenImageDiT()
+    dit = dit.to(dtype).to_empty(device=device)  # cast on meta first: fp32 storage would not fit an 80 GB card
+    init_random_(dit)
+    # QwenEmbedRope keeps its frequency tables as plain tensors, created on meta above: rebuild them for real.
+    rope = dit.pos_embed
+    dit.pos_embed = QwenEmbedRope(theta=rope.theta, axes_dim=list(rope.axes_dim), scale_rope=rope.scale_rope)
+    return dit.eval().requires_grad_(False)
+
+
+def build_tiny_dit(device: str, dtype: torch.dtype):
+    from diffsynth_edit.tiny import TinyQwenImageDiT
+
+    torch.manual_seed(0)
+    dit = TinyQwenImageDiT()
+    init_random_(dit)
+    return dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def init_random_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Weights ~ N(0, std), biases 0, norm scales 1."""
+    gen_device = next(model.parameters()).device
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    norm_types = ("RMSNorm", "LayerNorm")
+    for mod_name, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if name == "bias":
+                p.zero_()
+            elif type(mod).__name__ in norm_types:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+
+
+# ---- inputs --------------------------------------------------------------------------------------------------------
+def make_inputs(args, dit, device: str, dtype: torch.dtype, text_dim: int):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lat = args.size // 8
+    sub = args.sub // 8
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    x = randn(1, 16, lat, lat)
+    edit = randn(1, 16, lat, lat)
+    sub_latents = randn(1, 16, sub, sub)
+    emb = randn(1, args.prompt_tokens, text_dim)
+    nega = randn(1, args.nega_tokens, text_dim)
+    off = (args.size - args.sub) // 2 // 16
+    n = args.sub // 16
+    subyx = torch.tensor([[off, off + n, off, off + n]], device=device)
+    return types.SimpleNamespace(
+        x=x, edit=edit, sub=sub_latents, subyx=subyx, emb=emb, mask=torch.ones(1, emb.shape[1], dtype=torch.long,
+                                                                                   device=device),
+        nega=nega, nega_mask=torch.ones(1, nega.shape[1], dtype=torch.long, device=device),
+        t=torch.tensor([500.0], device=device))
+
+
+# ---- timing --------------------------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self):
+        return torch.cuda.max_memory_allocated() / 2 ** 30 if self.cuda else None
+
+    def run(self, fn, warmup: int, repeats: int):
+        """(median s, all times, last output, peak GiB)."""
+        self.reset_peak()
+        out = None
+        for _ in range(warmup):
+            out = fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), times, out, self.peak_gib()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tiny = args.tiny
+    device = args.device or ("cpu" if tiny else "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device; use --tiny for the CPU smoke test", file=sys.stderr)
+        return 2
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    args.size = args.size or (128 if tiny else 1024)
+    args.sub = args.sub or (64 if tiny else 512)
+    args.steps = args.steps or (4 if tiny else 40)
+    args.repeats = args.repeats or (3 if tiny else 5)
+    if tiny:
+        args.prompt_tokens, args.nega_tokens = min(args.prompt_tokens, 16), min(args.nega_tokens, 12)
+        args.warmup = min(args.warmup, 1)
+    for side in (args.size, args.sub):
+        if side % 16:
+            raise SystemExit(f"sizes must be multiples of 16, got {side}")
+
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+    from diffsynth.pipelines.qwen_image import model_fn_qwen_image
+
+    from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
+    from diffsynth_edit.editor import Editor, EditSettings, PreparedEdit
+    from diffsynth_edit.geometry import Box
+    from diffsynth_edit.ste import STE
+
+    timer = Timer(device)
+    t_build = time.perf_counter()
+    dit = build_tiny_dit(device, dtype) if tiny else build_full_dit(device, dtype)
+    timer.sync()
+    build_s = time.perf_counter() - t_build
+    n_params = sum(p.numel() for p in dit.parameters())
+    text_dim = dit.txt_in.in_features
+    inp = make_inputs(args, dit, device, dtype, text_dim)
+    torch.manual_seed(0)
+    ste = STE.for_dit(dit)
+    for head in ste.heads:  # trained-like gates (a fresh STE is all ones; the cost is the same)
+        torch.nn.init.normal_(head.weight, std=0.02)
+    ste = ste.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    tokens_main = (args.size // 16) ** 2
+    tokens_sub = (args.sub // 16) ** 2
+    rows = []
+
+    def add(label, median, times, peak, note=""):
+        rows.append({"case": label, "median_s": median, "min_s": min(times), "runs": len(times), "peak_gib": peak,
+                     "note": note})
+        print(f"{label}: median {median:.4f} s over {len(times)} ({', '.join(f'{t:.4f}' for t in times)})"
+              + (f", peak {peak:.1f} GiB" if peak is not None else "") + (f"; {note}" if note else ""), flush=True)
+
+    plain = DiTInputs(latents=inp.x, timestep=inp.t, prompt_emb=inp.emb, prompt_emb_mask=inp.mask,
+                      edit_latents=[inp.edit])
+    bridged = DiTInputs(latents=inp.x, timestep=inp.t, prompt_emb=inp.emb, prompt_emb_mask=inp.mask,
+                        edit_latents=[inp.edit], sub_latents=inp.sub, subyx=inp.subyx)
+
+    with torch.no_grad():
+        def upstream():
+            return model_fn_qwen_image(dit=dit, latents=inp.x, timestep=inp.t, prompt_emb=inp.emb,
+                                       prompt_emb_mask=inp.mask, height=args.size, width=args.size,
+                                       edit_latents=[inp.edit], zero_cond_t=True)
+
+        med, times, out_a, peak = timer.run(upstream, args.warmup, args.repeats)
+        add("(a) upstream model_fn_qwen_image", med, times, peak)
+
+        def plain_fn():
+            return bridge_forward(dit, plain, zero_cond_t=True)[0]
+
+        med, times, out_b, peak = timer.run(plain_fn, args.warmup, args.repeats)
+        diff = (out_a.float() - out_b.float()).abs().max().item()
+        add("(b) workspace bridge_forward, plain", med, times, peak, f"max abs diff to (a): {diff:.3g}")
+
+        def bridge_fn():
+            return bridge_forward(dit, bridged, ste=ste, zero_cond_t=True)
+
+        med, times, _, peak = timer.run(bridge_fn, args.warmup, args.repeats)
+        add(f"(c) workspace bridge_forward, bridge ({args.sub}² sub + STE)", med, times, peak,
+            f"+{tokens_sub} sub tokens; STE float32 (the editor's)")
+
+        def bridge_no_ste():
+            return bridge_forward(dit, bridged, ste=None, zero_cond_t=True)
+
+        med, times, _, peak = timer.run(bridge_no_ste, args.warmup, args.repeats)
+        add("(c′) same token layout, no STE", med, times, peak, "isolates the STE's cost")
+
+        if dtype != torch.float32:
+            ste_low = copy.deepcopy(ste).to(dtype)
+
+            def bridge_low_ste():
+                return bridge_forward(dit, bridged, ste=ste_low, zero_cond_t=True)
+
+            med, times, _, peak = timer.run(bridge_low_ste, args.warmup, args.repeats)
+            add(f"(c″) as (c), STE in {str(dtype).replace('torch.', '')}", med, times, peak,
+                "STE attention can use the fused kernels")
+
+        if not args.skip_loops:
+            pipe = types.SimpleNamespace(dit=dit, device=torch.device(device), torch_dtype=dtype)
+            h = w = args.size
+            prep = PreparedEdit(
+                source=_blank(w, h), references=[], mask=None, box=_centre_box(args, Box), edit_latents=[inp.edit],
+                prompt_emb=inp.emb, prompt_mask=inp.mask, nega_emb=inp.nega, nega_mask=inp.nega_mask,
+                mask_latent=torch.ones(1, 1, h // 8, w // 8, device=device))
+            settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, batch_cfg=True, seed=0)
+            editor = Editor(pipe, variant="2511")
+
+            def editor_loop():
+                return editor.sample(prep, settings)[0]
+
+            editor.predict(prep, inp.x.float(), None, 1000.0, args.cfg)  # warm-up step
+            med, times, _, peak = timer.run(editor_loop, 0, 1)
+            add(f"(d) workspace editor, {args.steps}-step CFG {args.cfg:g}, batched CFG, plain", med, times, peak,
+                f"{args.steps} DiT calls of batch 2")
+
+            if not args.skip_sequential_cfg:
+                sequential = EditSettings(steps=args.steps, cfg_scale=args.cfg, batch_cfg=False, seed=0)
+
+                def editor_loop_sequential():
+                    return editor.sample(prep, sequential)[0]
+
+                med, times, _, peak = timer.run(editor_loop_sequential, 0, 1)
+                add(f"(d′) as (d), CFG not batched", med, times, peak, f"{2 * args.steps} DiT calls of batch 1")
+
+            scheduler = FlowMatchScheduler("Qwen-Image")
+
+            def upstream_loop():
+                scheduler.set_timesteps(args.steps, denoising_strength=1.0,
+                                        dynamic_shift_len=(args.size // 16) * (args.size // 16))
+                gen = torch.Generator("cpu").manual_seed(0)
+                latents = torch.randn(1, 16, h // 8, w // 8, generator=gen).to(device=device, dtype=dtype)
+                for timestep in scheduler.timesteps:
+                    ts = timestep.unsqueeze(0).to(dtype=dtype, device=device)
+                    common = dict(dit=dit, latents=latents, timestep=ts, height=h, width=w,
+                                  edit_latents=[inp.edit], zero_cond_t=True)
+                    posi = model_fn_qwen_image(prompt_emb=inp.emb, prompt_emb_mask=inp.mask, **common)
+                    nega = model_fn_qwen_image(prompt_emb=inp.nega, prompt_emb_mask=inp.nega_mask, **common)
+                    pred = nega + args.cfg * (posi - nega)
+                    latents = scheduler.step(pred, ts, latents)
+                return latents
+
+            med, times, _, peak = timer.run(upstream_loop, 0, 1)
+            add(f"(e) upstream-style {args.steps}-step CFG {args.cfg:g} loop", med, times, peak,
+                f"{2 * args.steps} sequential model_fn calls")
+
+            if not args.skip_bridge_loop:
+                editor.ste = ste
+                editor.predict(prep, inp.x.float(), inp.sub.float(), 1000.0, args.cfg)
+                med, times, _, peak = timer.run(editor_loop, 0, 1)
+                add(f"(f) workspace editor, {args.steps}-step CFG {args.cfg:g}, batched CFG, bridge", med, times,
+                    peak, f"{args.sub}² sub + STE")
+
+    info = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "diffsynth": _version("diffsynth"),
+        "dtype": str(dtype).replace("torch.", ""), "dit": "tiny" if tiny else "QwenImageDiT (2511, random)",
+        "params": n_params, "build_s": build_s, "size": args.size, "sub": args.sub,
+        "tokens": {"main": tokens_main, "edit": tokens_main, "sub": tokens_sub, "text": args.prompt_tokens,
+                   "negative_text": args.nega_tokens},
+        "max_abs_diff_a_b": diff, "rows": rows,
+    }
+    md = to_markdown(info, args)
+    print()
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dit_forward.md").write_text(md)
+        (out / "dit_forward.json").write_text(json.dumps(info, indent=2))
+        print(f"wrote {out / 'dit_forward.md'}")
+    if tiny and diff != 0.0:
+        print(f"error: upstream and plain bridge forward differ by {diff}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _blank(w, h):
+    from PIL import Image
+
+    return Image.new("RGB", (w, h), "white")
+
+
+def _centre_box(args, Box):
+    off = (args.size - args.sub) // 2 // 16 * 16
+    return Box(off, off + args.sub, off, off + args.sub)
+
+
+def _version(name):
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - e.g. a package copied without its metadata
+        return "unknown (no package metadata)"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def to_markdown(info, args) -> str:
+    t = info["tokens"]
+    lines = [
+        "# DiT forward benchmark",
+        "",
+        f"- device: **{info['device']}**; torch {info['torch']} (CUDA {info['cuda']}); diffsynth {info['diffsynth']}",
+        f"- model: {info['dit']}, {_count(info['params'])} params, {info['dtype']}, built in "
+        f"{info['build_s']:.1f} s",
+        f"- inputs: {args.size}² target + one {args.size}² reference ({t['main']} + {t['edit']} image tokens), "
+        f"{t['text']} text tokens (negative {t['negative_text']}); bridge mode adds a {args.sub}² sub box "
+        f"({t['sub']} tokens); zero_cond_t on",
+        f"- single forwards: torch.no_grad, {args.warmup} warm-ups, median of {args.repeats}; {args.steps}-step "
+        f"loops: one timed run each",
+        f"- outputs of (a) and (b): max abs diff {info['max_abs_diff_a_b']:.3g}",
+        "",
+        "| case | median s | min s | runs | peak GiB | note |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in info["rows"]:
+        peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['runs']} | {peak} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
