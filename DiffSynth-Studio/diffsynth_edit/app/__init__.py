@@ -1,0 +1,35 @@
+"""The mask-editing app: `python app_gradio.py` (see docs/app.md).
+
+- config.py: AppConfig (TOML preset `configs/app.toml` + flags)
+- checkpoints.py: listing checkpoints under the roots, the root check
+- images.py: image/mask inputs, upload limit, mask from the editor's brush layer
+- service.py: EditService (gradio-free: checkpoint hot-swap, validation, one edit)
+- ui.py: the gradio Blocks and the `/edit` API endpoint
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the config, build the service and the page, serve until interrupted."""
+    from .config import parse_app_config
+
+    cfg = parse_app_config(argv, prog="app_gradio.py")
+    from ..loading import MissingWeightsError
+    from .service import EditService
+
+    try:
+        service = EditService.from_config(cfg)
+    except (MissingWeightsError, RuntimeError) as e:
+        print(f"error: {e}")
+        return 2
+    from .ui import build_ui, launch
+
+    demo = build_ui(service, default_steps=cfg.steps, max_steps=cfg.max_steps, default_cfg=cfg.cfg_scale,
+                    lbm_steps=cfg.lbm_steps, initial_checkpoint=cfg.checkpoint)
+    print(f"[app] serving on http://{cfg.bind_host}:{cfg.port} (checkpoint roots: "
+          f"{', '.join(str(r) for r in service.roots)})", flush=True)
+    launch(demo, host=cfg.bind_host, port=cfg.port, share=cfg.share, max_file_mb=cfg.max_file_mb,
+           queue_size=cfg.queue_size)
+    return 0

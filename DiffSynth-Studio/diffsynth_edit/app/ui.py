@@ -1,0 +1,236 @@
+"""The gradio Blocks of the app: the editor page and the named API endpoint `/edit`.
+
+Page: an image editor (upload, brush, eraser; the mask is the brush layer's alpha; the canvas keeps the image's
+size), prompt, extra references, checkpoint picker (+ refresh), LoRA strength, sampler, steps, CFG, seed (+ random),
+blend α → edited image, sub image, before/after slider, "use as input", the settings of the output.
+
+API (`gradio_client`): `/edit` (image, mask, prompt, references, checkpoint, strength, sampler, steps, cfg, seed,
+blend_alpha) → (image, sub_image, settings) and `/checkpoints` () → list. Both the page's Generate and `/edit` share
+one concurrency group of size 1: one generation on the device at a time, the others wait in the queue and see their
+position.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import traceback
+from typing import Any, Callable
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from .errors import AppInputError  # noqa: E402
+from .images import mask_from_editor  # noqa: E402
+from .service import LBM_MAX_STEPS, EditService  # noqa: E402
+
+GPU_GROUP = "gpu"
+HAS_IMAGE_SLIDER = hasattr(gr, "ImageSlider")
+BRUSH_COLOR = "#ff2a6d"
+
+
+def _kw(fn: Callable, **kwargs) -> dict:
+    """Keep only the keyword arguments `fn` accepts (gradio 5 and 6 differ in a few names)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _private() -> dict:
+    params = inspect.signature(gr.Button.click).parameters
+    if "api_visibility" in params:
+        return {"api_visibility": "private"}
+    return {"show_api": False}
+
+
+def _user_error(e: BaseException) -> gr.Error:
+    if isinstance(e, AppInputError):
+        return gr.Error(str(e))
+    traceback.print_exc()
+    return gr.Error(f"internal error ({type(e).__name__}: {e}); the server keeps running")
+
+
+def _status(settings: dict) -> str:
+    parts = [f"**Done** in {settings.get('seconds', 0):.2f} s", f"seed {settings.get('seed')}",
+             f"{settings.get('sampler')} × {settings.get('steps')}"]
+    if settings.get("checkpoint"):
+        parts.append(f"`{settings['checkpoint']}` @ {settings.get('strength')}")
+    text = " · ".join(parts)
+    notices = settings.get("notices") or []
+    if notices:
+        text += "\n\n" + "\n".join(f"- {n}" for n in notices)
+    return text
+
+
+def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | None = None,
+             default_cfg: float = 4.0, lbm_steps: int = 4, initial_checkpoint: str = "",
+             title: str = "Qwen-Image-Edit: mask editing") -> gr.Blocks:
+    max_steps = max_steps or service.max_steps
+    loaded = service.loaded
+    initial_checkpoint = loaded[0] if loaded else initial_checkpoint
+
+    with gr.Blocks(**_kw(gr.Blocks, title=title, analytics_enabled=False)) as demo:
+        gr.Markdown(f"## {title}\nUpload an image, paint the region to edit with the brush (white = edit; the eraser "
+                    "removes paint; no paint = the whole image), write the instruction, pick a checkpoint, Generate.")
+        for n in service.startup_notices:
+            gr.Markdown(f"> ⚠️ {n}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                editor = gr.ImageEditor(**_kw(
+                    gr.ImageEditor, label="Image and mask", type="pil", image_mode="RGBA",
+                    sources=["upload", "clipboard"], transforms=(), layers=False, format="png",
+                    fixed_canvas=False, canvas_size=(1024, 1024), height=620, elem_id="edit-canvas",
+                    brush=gr.Brush(colors=[BRUSH_COLOR], default_color=BRUSH_COLOR, color_mode="fixed",
+                                   default_size=32),
+                    eraser=gr.Eraser(default_size=32)))
+                prompt = gr.Textbox(label="Prompt (edit instruction)", lines=2, elem_id="prompt",
+                                    placeholder="e.g. replace the cup with a red teapot")
+                references = gr.Gallery(**_kw(gr.Gallery, label="Extra reference images, in order (optional)",
+                                              type="filepath", interactive=True, columns=4, height=150,
+                                              file_types=["image"], elem_id="references"))
+            with gr.Column(scale=2):
+                with gr.Row():
+                    checkpoint = gr.Dropdown(choices=service.checkpoint_choices(), value=initial_checkpoint,
+                                             label="Checkpoint (run · step)", allow_custom_value=True, scale=5,
+                                             elem_id="checkpoint")
+                    refresh = gr.Button("↻ Refresh", scale=1, min_width=60, elem_id="refresh")
+                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
+                sampler = gr.Radio([("Flow matching", "flow"), (f"LBM (1–{LBM_MAX_STEPS} steps)", "lbm")],
+                                   value="flow", label="Sampler")
+                steps = gr.Slider(1, max_steps, value=default_steps, step=1, label="Steps")
+                cfg = gr.Slider(1.0, 10.0, value=default_cfg, step=0.1, label="CFG scale (1 = off)")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", scale=3, elem_id="seed")
+                    randomise = gr.Button("Random seed", scale=1, min_width=60, elem_id="random-seed")
+                blend = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
+                                  label="Background blend α (keeps the unmasked area; 0 = off)")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            out_image = gr.Image(label="Edited image", type="pil", format="png", interactive=False,
+                                 elem_id="output-image")
+            out_sub = gr.Image(label="Sub image (bridge checkpoints: the edited box on white)", type="pil", format="png",
+                               interactive=False, elem_id="output-sub")
+        if HAS_IMAGE_SLIDER:
+            compare = [gr.ImageSlider(**_kw(gr.ImageSlider, label="Before / after", type="pil", format="png",
+                                            interactive=False, elem_id="compare", max_height=512))]
+        else:
+            with gr.Row():
+                compare = [gr.Image(label="Before", type="pil", interactive=False),
+                           gr.Image(label="After", type="pil", interactive=False)]
+        use_as_input = gr.Button("⤴ Use as input (chain another edit)", elem_id="use-as-input")
+        settings_json = gr.JSON(label="Settings that produced this output", elem_id="settings")
+
+        # ---- hidden components of the API endpoint -------------------------------------------------------------
+        with gr.Column(visible=False):
+            api_image = gr.File(label="image", type="filepath")
+            api_mask = gr.File(label="mask", type="filepath")
+            api_prompt = gr.Textbox(label="prompt", value="")
+            api_refs = gr.File(label="references", file_count="multiple", type="filepath")
+            api_ckpt = gr.Textbox(label="checkpoint", value="")
+            api_strength = gr.Number(label="strength", value=1.0)
+            api_sampler = gr.Textbox(label="sampler", value="flow")
+            api_steps = gr.Number(label="steps", value=default_steps, precision=0)
+            api_cfg = gr.Number(label="cfg", value=default_cfg)
+            api_seed = gr.Number(label="seed", value=0, precision=0)
+            api_blend = gr.Number(label="blend_alpha", value=0.0)
+            api_out_image = gr.Image(label="image", type="pil", format="png")
+            api_out_sub = gr.Image(label="sub_image", type="pil", format="png")
+            api_out_settings = gr.JSON(label="settings")
+            api_ckpt_list = gr.JSON(label="checkpoints")
+            api_trigger = gr.Button("api", visible=False)
+            api_list_trigger = gr.Button("api-list", visible=False)
+
+        # ---- page events ---------------------------------------------------------------------------------------
+        def ui_generate(editor_value, prompt_v, refs_v, ckpt_v, strength_v, sampler_v, steps_v, cfg_v, seed_v,
+                        blend_v, progress=gr.Progress()):
+            try:
+                image, mask, notes = mask_from_editor(editor_value)
+                if image is None:
+                    raise AppInputError("upload an image first (drop it on the editor)")
+                progress(0, desc="encoding prompt and images")
+
+                def on_step(i: int, total: int) -> None:
+                    progress((i, total), desc="denoising", unit="steps")
+
+                out = service.generate(image, mask, prompt_v, refs_v or None, ckpt_v, strength_v, sampler_v,
+                                       steps_v, cfg_v, seed_v, blend_v, progress=on_step,
+                                       mask_source="painted" if mask is not None else "none (whole image)",
+                                       notices=notes)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a message; the server keeps serving
+                raise _user_error(e) from None
+            comparison = [(out.source, out.image)] if HAS_IMAGE_SLIDER else [out.source, out.image]
+            return [out.image, out.sub_image, *comparison, out.settings, _status(out.settings)]
+
+        generate.click(ui_generate,
+                       inputs=[editor, prompt, references, checkpoint, strength, sampler, steps, cfg, seed, blend],
+                       outputs=[out_image, out_sub, *compare, settings_json, status],
+                       concurrency_limit=1, concurrency_id=GPU_GROUP, **_private())
+
+        def refresh_choices(current):
+            choices = service.checkpoint_choices()
+            values = {v for _, v in choices}
+            return gr.update(choices=choices, value=current if current in values else "")
+
+        refresh.click(refresh_choices, inputs=checkpoint, outputs=checkpoint, queue=False, **_private())
+        demo.load(refresh_choices, inputs=checkpoint, outputs=checkpoint, queue=False, **_private())
+        randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, queue=False, **_private())
+
+        def on_sampler(s, current_steps):
+            if s == "lbm":
+                v = int(current_steps or lbm_steps)
+                return gr.update(maximum=LBM_MAX_STEPS, value=v if 1 <= v <= LBM_MAX_STEPS else lbm_steps), \
+                    gr.update(value=1.0)
+            return gr.update(maximum=max_steps, value=default_steps), gr.update(value=default_cfg)
+
+        sampler.change(on_sampler, inputs=[sampler, steps], outputs=[steps, cfg], queue=False, **_private())
+
+        def use_output(image):
+            if image is None:
+                raise gr.Error("no output yet: generate first")
+            return {"background": image, "layers": [], "composite": image}
+
+        use_as_input.click(use_output, inputs=out_image, outputs=editor, queue=False, **_private())
+
+        # ---- API events ----------------------------------------------------------------------------------------
+        def api_edit(image, mask=None, prompt="", references=None, checkpoint="", strength=1.0, sampler="flow",
+                     steps=default_steps, cfg=default_cfg, seed=0, blend_alpha=0.0, progress=gr.Progress()):
+            try:
+                if image is None:
+                    raise AppInputError("no image given")
+
+                def on_step(i: int, total: int) -> None:
+                    progress((i, total), desc="denoising", unit="steps")
+
+                out = service.generate(image, mask, prompt, references or None, checkpoint, strength, sampler,
+                                       steps, cfg, seed, blend_alpha, progress=on_step)
+            except Exception as e:  # noqa: BLE001
+                raise _user_error(e) from None
+            return out.image, out.sub_image, out.settings
+
+        api_trigger.click(api_edit,
+                          inputs=[api_image, api_mask, api_prompt, api_refs, api_ckpt, api_strength, api_sampler,
+                                  api_steps, api_cfg, api_seed, api_blend],
+                          outputs=[api_out_image, api_out_sub, api_out_settings], api_name="edit",
+                          **_kw(gr.Button.click, api_description="Edit an image (white mask = region to edit).",
+                                concurrency_limit=1, concurrency_id=GPU_GROUP))
+
+        def api_checkpoints():
+            return [{"id": e.id, "run": e.run, "step": e.step, "variant": e.variant, "label": e.label}
+                    for e in service.checkpoints()]
+
+        api_list_trigger.click(api_checkpoints, outputs=api_ckpt_list, api_name="checkpoints", queue=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7999, share: bool = False,
+           max_file_mb: int = 100, queue_size: int = 64, prevent_thread_lock: bool = False, quiet: bool = False):
+    demo.queue(**_kw(demo.queue, default_concurrency_limit=1, max_size=queue_size))
+    return demo.launch(**_kw(demo.launch, server_name=host, server_port=port, share=share,
+                             max_file_size=f"{max_file_mb}mb", show_error=True, ssr_mode=False,
+                             prevent_thread_lock=prevent_thread_lock, quiet=quiet, inbrowser=False))

@@ -1,0 +1,152 @@
+"""The app served live (a subprocess on a free port, bound to 127.0.0.1, tiny model), driven by gradio_client."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def live(tiny_root, tmp_path_factory):
+    from diffsynth_edit.app.testing import app_process, make_test_checkpoint
+    from diffsynth_edit.tiny import TinyQwenImageDiT
+
+    base = tmp_path_factory.mktemp("app_live")
+    dit = TinyQwenImageDiT()  # same module shapes as the served tiny DiT
+    make_test_checkpoint(dit, base / "train" / "run1" / "step-10.safetensors", step=10, seed=1)
+    make_test_checkpoint(dit, base / "train" / "run1" / "step-20.safetensors", step=20, seed=2, with_ste=True)
+    make_test_checkpoint(dit, base / "outside" / "evil.safetensors", step=1, seed=3)
+    (base / "train" / "run1" / "notes.txt").write_text("not a checkpoint")
+    files = base / "files"
+    files.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(files / "image.png")
+    mask = Image.new("L", (128, 96), 0)
+    mask.paste(255, (32, 16, 80, 64))
+    mask.save(files / "mask.png")
+    mask.resize((64, 48), Image.NEAREST).save(files / "mask_half.png")
+    Image.new("L", (96, 96), 255).save(files / "mask_square.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(files / "ref.png")
+    (files / "junk.png").write_bytes(b"\x89PNG but not really an image")
+    args = ["--tiny", "--tiny-root", str(tiny_root), "--checkpoint-root", str(base / "train"), "--device", "cpu",
+            "--steps", "4"]
+    with app_process(args, cwd=REPO, log_path=base / "app.log", threads=1) as url:
+        from gradio_client import Client
+
+        client = Client(url, verbose=False)
+        yield {"url": url, "client": client, "files": files, "base": base}
+
+
+def _edit(live, **overrides):
+    from gradio_client import handle_file
+
+    f = live["files"]
+    kwargs = dict(image=handle_file(str(f / "image.png")), mask=handle_file(str(f / "mask.png")),
+                  prompt="make it blue", references=None, checkpoint="", strength=1.0, sampler="flow", steps=2,
+                  cfg=2.0, seed=1, blend_alpha=0.0)
+    kwargs.update(overrides)
+    return live["client"].predict(**kwargs, api_name="/edit")
+
+
+def _assert_error(live, match: str, **overrides):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        _edit(live, **overrides)
+    assert match in str(info.value), str(info.value)
+    # the server keeps serving: a valid call right after succeeds
+    image, _, settings = _edit(live, steps=1)
+    assert Image.open(image).size == (128, 96) and settings["steps"] == 1
+
+
+def test_edit_returns_images_of_the_right_sizes(live):
+    from gradio_client import handle_file
+
+    image, sub, settings = _edit(live, checkpoint="run1/step-20.safetensors",
+                                 references=[handle_file(str(live["files"] / "ref.png"))])
+    assert Image.open(image).size == (128, 96)
+    assert Image.open(sub).size == (48, 48)  # the mask box (32..80 x 16..64), 16-aligned
+    assert settings["checkpoint"] == "run1/step-20.safetensors" and settings["run"] == "run1"
+    assert settings["step"] == 20 and settings["mode"] == "bridge" and settings["references"] == 1
+    assert settings["size"] == [128, 96] and settings["seed"] == 1
+    # LBM, no mask, base model: no sub image
+    image, sub, settings = _edit(live, mask=None, sampler="lbm", steps=4, cfg=1.0)
+    assert Image.open(image).size == (128, 96) and sub is None and settings["mode"] == "plain"
+
+
+def test_checkpoint_outside_the_roots_is_refused(live):
+    _assert_error(live, "inside the checkpoint roots", checkpoint="../outside/evil.safetensors")
+    _assert_error(live, "inside the checkpoint roots", checkpoint=str(live["base"] / "outside/evil.safetensors"))
+    _assert_error(live, "only .safetensors", checkpoint="run1/notes.txt")
+
+
+def test_mask_of_another_size(live):
+    from gradio_client import handle_file
+
+    image, sub, settings = _edit(live, mask=handle_file(str(live["files"] / "mask_half.png")))
+    assert Image.open(image).size == (128, 96)
+    assert any("mask resized" in n for n in settings["notices"])
+    _assert_error(live, "aspect ratio", mask=handle_file(str(live["files"] / "mask_square.png")))
+
+
+def test_garbage_input_returns_an_error_and_the_server_keeps_serving(live):
+    from gradio_client import handle_file
+
+    _assert_error(live, "not a readable image", image=handle_file(str(live["files"] / "junk.png")))
+    _assert_error(live, "steps=-5 is out of range", steps=-5)
+    _assert_error(live, "unknown sampler", sampler="euler_a")
+    _assert_error(live, "steps", sampler="lbm", steps=9)
+    _assert_error(live, "blend_alpha", blend_alpha=3)
+    _assert_error(live, "no image", image=None)
+
+
+def test_checkpoint_listing_endpoint(live):
+    listing = live["client"].predict(api_name="/checkpoints")
+    assert [(c["run"], c["step"]) for c in listing] == [("run1", 10), ("run1", 20)]
+
+
+def test_one_generation_at_a_time_others_queue(live):
+    """Three simultaneous requests: one runs, the others wait in the queue and are told their position."""
+    import time
+
+    from gradio_client import handle_file
+
+    client = live["client"]
+    image = handle_file(str(live["files"] / "image.png"))
+    jobs = [client.submit(image, None, "x", None, "", 1.0, "flow", 12, 2.0, i, 0.0, api_name="/edit")
+            for i in range(3)]
+    seen = set()
+    deadline = time.monotonic() + 120
+    while not all(j.done() for j in jobs) and time.monotonic() < deadline:
+        for j in jobs:
+            s = j.status()
+            seen.add((s.code.name, s.rank))
+        time.sleep(0.005)
+    assert sorted(j.result()[2]["seed"] for j in jobs) == [0, 1, 2]
+    assert any(code == "IN_QUEUE" and rank is not None and rank >= 1 for code, rank in seen), seen
+
+
+def test_generate_events_share_one_slot():
+    """Structure: the page's Generate and /edit are in one concurrency group of size 1 (queue on)."""
+    from diffsynth_edit.app.ui import GPU_GROUP, build_ui
+
+    class _Stub:  # build_ui only needs these attributes to lay out the page
+        max_steps = 100
+        loaded = None
+        startup_notices = []
+
+        @staticmethod
+        def checkpoint_choices():
+            return [("(none: base model)", "")]
+
+    demo = build_ui(_Stub())
+    fns = list(demo.fns.values()) if isinstance(demo.fns, dict) else list(demo.fns)
+    gpu = [f for f in fns if getattr(f, "concurrency_id", None) == GPU_GROUP]
+    assert len(gpu) == 2 and all(f.concurrency_limit == 1 and f.queue for f in gpu)
+    assert {f.api_name for f in gpu} >= {"edit"}
