@@ -4,6 +4,7 @@
     python bench/bench_app.py                      # CPU, tiny model (default 256x256, flow 8 steps, CFG 4)
     python bench/bench_app.py --gpu                # GPU: full-size 2511 DiT (random bf16 weights), 1024x1024
     python bench/bench_app.py --gpu --sampler flow --steps 40
+    python bench/bench_app.py --null-edit --size 1024x1024     # the app's fixed overhead alone (stub edit)
 
 The app is served live in this process (gradio in a thread on a free 127.0.0.1 port, the same EditService and
 Blocks as `app_gradio.py`) and called through `gradio_client` (`/edit`): upload of image + mask, queue, validation,
@@ -160,8 +161,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--dit-layers", type=int, default=60, help="--gpu: DiT blocks (60 = the real model)")
     ap.add_argument("--tiny-root", default=None, help="tiny model cache (default: a temporary folder)")
+    ap.add_argument("--null-edit", action="store_true",
+                    help="replace the edit by an instant stub: measures the app's fixed overhead at this size alone")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     args.sampler = args.sampler or ("lbm" if args.gpu else "flow")
     args.steps = args.steps or (4 if args.sampler == "lbm" else 8)
@@ -178,6 +184,19 @@ def main(argv=None) -> int:
     from diffsynth_edit.editor import EditRequest, EditSettings
 
     editor, device, dtype, note = build_editor(args)
+    if args.null_edit:
+        from diffsynth_edit.editor import EditResult
+
+        def null_edit(request, settings=None, progress=None):
+            for i in range(settings.steps):
+                if progress is not None:
+                    progress(i + 1, settings.steps)
+            img = request.image.convert("RGB")
+            return EditResult(img, None, {"sampler": settings.sampler, "steps": settings.steps, "seed": settings.seed,
+                                          "size": list(img.size), "box": [0, 0, 0, 0]}, [], None, None)
+
+        editor.edit = null_edit
+        note += "; NULL EDIT (stub returning the input: app overhead only)"
     service = EditService(editor, [tmp / "train"], max_pixels=max(w * h, 256))
     demo = build_ui(service, default_steps=args.steps)
     port = free_port()
@@ -234,7 +253,7 @@ def main(argv=None) -> int:
         "size": [w, h], "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "runs": args.runs,
         "bare_median_s": round(mb, 4), "app_median_s": round(ma, 4),
         "app_server_side_median_s": round(statistics.median(server_times), 4),
-        "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1),
+        "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1) if mb > 0.05 else None,
         "bare_s": [round(x, 4) for x in bare_t], "app_s": [round(x, 4) for x in app_t],
         "versions": {"torch": torch.__version__, "gradio": __import__("gradio").__version__,
                      "python": platform.python_version()},
