@@ -8,7 +8,8 @@ workspace trainer's model, on the same inputs in the same process.
 Cases (one optimizer step = forward + backward + optimizer.step at batch 1; 2 warm-ups, median of --repeats):
   (a) upstream: `DiffusionTrainingModule.switch_pipe_to_training_mode` (peft LoRA rank 32 on the 12 upstream targets,
       bf16 LoRA weights) + `FlowMatchSFTLoss` with stage-2 cached inputs, AdamW — what `sft:train` runs per step
-  (a') workspace, the same LoRA (rank 32, 12 targets), plain mode, AdamW, LoRA weights fp32 with bf16 autocast
+  (a') workspace, the same LoRA (rank 32, 12 targets), plain mode, AdamW, LoRA weights fp32 (TF32 matmuls)
+  (a'') as (a') with bf16 LoRA weights (the effect of keeping trainables in fp32)
   (b) workspace default: bridge mode (512² sub box, STE), the 17 targets, rank 512, ProdigyPlusScheduleFree;
       trainable weights fp32, or bf16 when fp32 does not fit the card (reported)
 Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights included). Writes $OUT/train_step.md.
@@ -152,6 +153,8 @@ def main() -> int:
 
     workspace_case("(a') workspace: plain, rank 32, 12 targets, AdamW, fp32 LoRA", "plain", 32,
                    LORA_TARGETS_UPSTREAM, "adamw", torch.float32)
+    workspace_case("(a'') workspace: plain, rank 32, 12 targets, AdamW, bf16 LoRA", "plain", 32,
+                   LORA_TARGETS_UPSTREAM, "adamw", torch.bfloat16)
     if not a.skip_b:
         rank = 8 if a.tiny else 512
         ok = workspace_case(f"(b) workspace default: bridge + STE, rank {rank}, 17 targets, Prodigy, fp32 trainables",

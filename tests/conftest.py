@@ -16,6 +16,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP barriers make every op wait for
+# a descheduled thread (a tiny-model test took 28 s with 2 threads and 0.5 s with 1).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:

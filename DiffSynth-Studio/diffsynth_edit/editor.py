@@ -51,7 +51,7 @@ class EditSettings:
     seed: int = 0
     blend_alpha: float = 0.0
     max_pixels: int = 1024 * 1024
-    batch_cfg: bool = True
+    batch_cfg: bool = True  # batch the CFG pair into one forward when the prompts' lengths match (see predict)
 
     def validate(self) -> None:
         if self.sampler not in ("flow", "lbm"):
@@ -262,7 +262,9 @@ class Editor:
             return bridge_forward(self.pipe.dit, inputs, ste=self.ste if self.bridge else None,
                                   zero_cond_t=self.zero_cond_t)
 
-        if use_cfg and batch_cfg:
+        # One batch-2 call only where it needs no attention mask: with prompts of different lengths the masked kernel
+        # is slower than two unmasked calls (H200, 1024², 40 steps: 37.4 s batched vs 35.0 s sequential).
+        if use_cfg and batch_cfg and prep.prompt_emb.shape[1] == prep.nega_emb.shape[1]:
             emb, mask = pad_prompts([prep.prompt_emb, prep.nega_emb], [prep.prompt_mask, prep.nega_mask])
             main, sub = call(2, emb, mask)
             pos, neg = main[:1], main[1:]

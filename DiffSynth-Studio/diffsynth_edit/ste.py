@@ -102,8 +102,12 @@ class STE(nn.Module):
         return cls(num_blocks=len(dit.transformer_blocks), in_dim=dit.img_in.out_features)
 
     def logits(self, h: torch.Tensor, block_index: int) -> torch.Tensor:
+        """fp32 weights run under bf16 autocast on CUDA: in fp32 the 64-wide attention over ~10k tokens falls back
+        to the slow math kernel (measured on an H200: +0.27 s per 1024² forward in fp32, +0.03 s in bf16)."""
         dtype = self.heads[block_index].weight.dtype
-        return self.heads[block_index](self.ste_blocks[block_index](h.to(dtype))).squeeze(-1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=h.is_cuda):
+            out = self.heads[block_index](self.ste_blocks[block_index](h.to(dtype)))
+        return out.squeeze(-1).float()
 
     def forward(self, h: torch.Tensor, block_index: int) -> torch.Tensor:
         return straight_through_gate(self.logits(h, block_index).float())

@@ -72,12 +72,11 @@ class EditTrainModel(nn.Module):
             edit_latents=[e.to(dtype) for e in batch["edit_latents"]],
             sub_latents=noised.sub_latents.to(dtype) if bridge else None,
             subyx=batch["subyx"] if bridge else None)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if noised.latents.is_cuda
-                    else contextlib.nullcontext())
-        with autocast:
-            main, sub = bridge_forward(self.dit, inputs, ste=self.ste, zero_cond_t=self.zero_cond_t,
-                                       use_gradient_checkpointing=self.cfg.gradient_checkpointing,
-                                       checkpoint_last_n=self.cfg.checkpoint_last_n)
+        # No global autocast: it would run the frozen DiT's LayerNorms in fp32. peft casts activations to the fp32
+        # LoRA weights itself (TF32 matmuls) and casts the result back; the STE autocasts its own small encoder.
+        main, sub = bridge_forward(self.dit, inputs, ste=self.ste, zero_cond_t=self.zero_cond_t,
+                                   use_gradient_checkpointing=self.cfg.gradient_checkpointing,
+                                   checkpoint_last_n=self.cfg.checkpoint_last_n)
         main_l = per_sample_mse(main, noised.target)
         sub_l = per_sample_mse(sub, noised.sub_target) if bridge else None
         loss = combine_losses(main_l, sub_l, noised.weight)
@@ -182,6 +181,9 @@ class Trainer:
         if self.deepspeed:
             self._check_deepspeed()
         self.device = self.accelerator.device
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 LoRA matmuls
+            torch.backends.cudnn.allow_tf32 = True
         self.main = self.accelerator.is_main_process
         self.cache = open_cache(cfg.cache_dir)
         self.variant = get_variant(self.cache.variant)
