@@ -10,8 +10,8 @@ and one 1024² reference (latents 1×16×128×128 each), a random 256-token prom
 prompt for CFG has 200 tokens. Timed (each under torch.no_grad, CUDA-synchronised, 2 warm-ups, median of ≥ 5):
   (a) upstream `model_fn_qwen_image(..., edit_latents=[e], zero_cond_t=True)`
   (b) workspace `bridge_forward`, plain mode, same inputs (outputs compared with (a): max abs diff)
-  (c) workspace `bridge_forward`, bridge mode: + a 512² sub box (1,024 more tokens) and the STE (float32, as the
-      editor runs it); (c′) the same layout without the STE, (c″) with the STE in bf16
+  (c) workspace `bridge_forward`, bridge mode: + a 512² sub box (1,024 more tokens) and the STE (fp32 weights, as
+      the editor keeps it); (c′) the same layout without the STE, (c″) with the STE's weights in bf16
   (d) a whole 40-step CFG edit (cfg 4) through the workspace editor's sampling loop, CFG batched (one DiT call of
       batch 2 per step; the shorter negative prompt is padded and masked), plain mode; (d′) the same, CFG not batched
   (e) an upstream-style 40-step CFG loop: 80 sequential `model_fn_qwen_image` calls with the Qwen-Image scheduler
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
 
         med, times, _, peak = timer.run(bridge_fn, args.warmup, args.repeats)
         add(f"(c) workspace bridge_forward, bridge ({args.sub}² sub + STE)", med, times, peak,
-            f"+{tokens_sub} sub tokens; STE float32 (the editor's)")
+            f"+{tokens_sub} sub tokens; STE with fp32 weights, as the editor keeps it")
 
         def bridge_no_ste():
             return bridge_forward(dit, bridged, ste=None, zero_cond_t=True)
@@ -241,8 +241,8 @@ def main(argv=None) -> int:
                 return bridge_forward(dit, bridged, ste=ste_low, zero_cond_t=True)
 
             med, times, _, peak = timer.run(bridge_low_ste, args.warmup, args.repeats)
-            add(f"(c″) as (c), STE in {str(dtype).replace('torch.', '')}", med, times, peak,
-                "STE attention can use the fused kernels")
+            add(f"(c″) as (c), STE weights in {str(dtype).replace('torch.', '')}", med, times, peak,
+                "STE attention on the fused kernels")
 
         if not args.skip_loops:
             pipe = types.SimpleNamespace(dit=dit, device=torch.device(device), torch_dtype=dtype)

@@ -23,7 +23,7 @@ FAST = ["--steps", "2", "--cfg", "2", "--device", "cpu", "--progress", "false"]
 
 def _env():
     return dict(os.environ, DIFFSYNTH_SKIP_DOWNLOAD="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false")
+                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 def _run_cli(*args, timeout=240):

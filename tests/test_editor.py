@@ -174,22 +174,56 @@ def test_blending_without_mask_is_a_no_op(editor):
 
 
 # ---- CFG -----------------------------------------------------------------------------------------------------------
+def _spy_batches(monkeypatch):
+    import diffsynth_edit.editor as editor_module
+
+    sizes = []
+    real = editor_module.bridge_forward
+
+    def spy(dit, inputs, **kw):
+        sizes.append(inputs.latents.shape[0])
+        return real(dit, inputs, **kw)
+
+    monkeypatch.setattr(editor_module, "bridge_forward", spy)
+    return sizes
+
+
+def _random_gate_ste(editor):
+    ste = editor.ste_template()
+    torch.manual_seed(0)
+    for head in ste.heads:
+        torch.nn.init.normal_(head.weight, std=0.05)
+    return ste.eval()
+
+
 @pytest.mark.parametrize("mode", ["plain", "bridge"])
-def test_batched_cfg_equals_sequential_cfg(editor, mode):
+def test_batched_cfg_equals_sequential_cfg(editor, monkeypatch, mode):
+    """Equal prompt lengths: one batch-2 DiT call per step; it must equal the two batch-1 calls."""
     if mode == "bridge":
-        ste = editor.ste_template()
-        torch.manual_seed(0)
-        for head in ste.heads:
-            torch.nn.init.normal_(head.weight, std=0.05)
-        editor.ste = ste.eval()
+        editor.ste = _random_gate_ste(editor)
+    prep = editor.prepare(_request(), EditSettings())
+    g = torch.Generator().manual_seed(1)
+    prep.nega_emb = torch.randn(prep.prompt_emb.shape, generator=g)  # another prompt of the same length
+    prep.nega_mask = prep.prompt_mask.clone()
+    sizes = _spy_batches(monkeypatch)
+    a = editor.sample(prep, EditSettings(steps=2, cfg_scale=4.0, batch_cfg=True))
+    assert sizes == [2, 2]
+    sizes.clear()
+    b = editor.sample(prep, EditSettings(steps=2, cfg_scale=4.0, batch_cfg=False))
+    assert sizes == [1, 1, 1, 1]
+    torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
+    if mode == "bridge":
+        torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
+
+
+def test_cfg_with_prompts_of_different_lengths(editor, monkeypatch):
+    """The usual case (empty negative prompt): batch_cfg on or off gives the same edit."""
+    editor.ste = _random_gate_ste(editor)
     request = _request(prompt="a much longer instruction so that the two prompts differ in length")
     a = editor.edit(request, EditSettings(steps=2, cfg_scale=4.0, batch_cfg=True))
     b = editor.edit(request, EditSettings(steps=2, cfg_scale=4.0, batch_cfg=False))
-    prep = editor.prepare(request, EditSettings())
-    assert prep.prompt_emb.shape[1] != prep.nega_emb.shape[1]  # the padded path is exercised
     torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-5)
-    if mode == "bridge":
-        torch.testing.assert_close(a.sub_latents, b.sub_latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.sub_latents, b.sub_latents, rtol=1e-4, atol=1e-5)
 
 
 def test_cfg_one_skips_negative(editor):

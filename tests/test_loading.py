@@ -115,7 +115,8 @@ _FRESH_PROCESS_SCRIPT = textwrap.dedent("""
 def test_explicit_component_directory_paths_in_fresh_process(tiny_root):
     """Weights given as folders (which `resolve_local` supports) must load in a process that has not registered the
     tiny models yet; the in-session registry would hide a failure, hence the subprocess."""
-    env = dict(os.environ, DIFFSYNTH_SKIP_DOWNLOAD="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, DIFFSYNTH_SKIP_DOWNLOAD="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_SCRIPT, str(tiny_root)], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "LOADED" in proc.stdout, proc.stderr[-2000:]
