@@ -130,8 +130,12 @@ def fit_image(image: Image.Image, max_pixels: int) -> tuple[Image.Image, str | N
     return image.resize((tw, th), Image.LANCZOS), f"image resized from {w}x{h} to {tw}x{th}"
 
 
-def prepare_mask(mask: Image.Image | None, size: tuple[int, int]) -> tuple[Image.Image | None, str | None]:
-    """Binary L-mode mask at `size`; None stays None. Raises EditInputError for empty or mismatched masks."""
+def prepare_mask(mask: Image.Image | None, size: tuple[int, int],
+                 original_size: tuple[int, int] | None = None) -> tuple[Image.Image | None, str | None]:
+    """Binary L-mode mask at `size`; None stays None. Raises EditInputError for empty or mismatched masks.
+
+    `original_size` is the image's size before fitting: a mask of that size is the image's own and is resized to
+    `size` even where rounding to 16 px changed the aspect ratio."""
     if mask is None:
         return None, None
     if not isinstance(mask, Image.Image):
@@ -142,7 +146,8 @@ def prepare_mask(mask: Image.Image | None, size: tuple[int, int]) -> tuple[Image
         mask = mask.getchannel("A") if mask.getextrema()[-1] != (255, 255) else mask.convert("L")
     if mask.size != size:
         (mw, mh), (w, h) = mask.size, size
-        if abs(mw / mh - w / h) > 0.01 * (w / h):
+        own = original_size is not None and mask.size == tuple(original_size)
+        if not own and abs(mw / mh - w / h) > 0.01 * (w / h):
             raise EditInputError(f"mask of {mw}x{mh} does not fit the image of {w}x{h} (different aspect ratio)")
         mask = mask.convert("L").resize(size, Image.NEAREST)
         notice = f"mask resized from {mw}x{mh} to {w}x{h}"
@@ -222,21 +227,25 @@ class Editor:
         if not isinstance(request.prompt, str):
             raise EditInputError("prompt must be a string")
         notices: list[str] = []
-        source, note = fit_image(to_rgb(request.image, "image"), settings.max_pixels)
+        original = to_rgb(request.image, "image")
+        source, note = fit_image(original, settings.max_pixels)
         notices += [note] if note else []
         refs = []
         for i, ref in enumerate(request.references or ()):
             r, note = fit_image(to_rgb(ref, f"reference {i + 1}"), settings.max_pixels)
             refs.append(r)
             notices += [f"reference {i + 1}: {note}"] if note else []
-        mask, note = prepare_mask(request.mask, source.size)
+        mask, note = prepare_mask(request.mask, source.size, original.size)
         notices += [note] if note else []
         w, h = source.size
         box = mask_bbox(mask, (h, w))
         images = [source, *refs]
         edit_latents = vae_encode(self.pipe, images)
         prompt_emb, prompt_mask = encode_prompt(self.pipe, request.prompt, images)
-        nega_emb, nega_mask = encode_prompt(self.pipe, request.negative_prompt or "", images)
+        if settings.cfg_scale != 1.0:
+            nega_emb, nega_mask = encode_prompt(self.pipe, request.negative_prompt or "", images)
+        else:  # unused without guidance: skip the second text-encoder pass
+            nega_emb, nega_mask = prompt_emb, prompt_mask
         if mask is None:
             mask_latent = torch.ones(1, 1, h // 8, w // 8)
         else:
@@ -244,6 +253,13 @@ class Editor:
             mask_latent = F.avg_pool2d(m, 8)
         return PreparedEdit(source, refs, mask, box, edit_latents, prompt_emb, prompt_mask, nega_emb, nega_mask,
                             mask_latent.to(self.pipe.device), notices)
+
+    def white_latents(self, width: int, height: int) -> torch.Tensor:
+        """VAE latents of a white image (the LBM sub-stream start), computed once per size."""
+        cache = self.__dict__.setdefault("_white_cache", {})
+        if (width, height) not in cache:
+            cache[(width, height)] = white_latents(self.pipe, width, height).float()
+        return cache[(width, height)]
 
     # ---- sampling ----------------------------------------------------------------------------------------------
     def predict(self, prep: PreparedEdit, x: torch.Tensor, x_sub: torch.Tensor | None, timestep: float,
@@ -293,7 +309,7 @@ class Editor:
         if settings.sampler == "lbm":
             grid = lbm_grid(settings.steps).tolist()
             x = source.clone()
-            x_sub = white_latents(self.pipe, prep.box.width, prep.box.height).float() if self.bridge else None
+            x_sub = self.white_latents(prep.box.width, prep.box.height) if self.bridge else None
         else:
             grid = flow_sigmas(settings.steps, h, w).tolist()
             x = noise.clone()

@@ -180,7 +180,7 @@ def load_pipeline(src: ModelSources, components: Iterable[str] = COMPONENTS, dev
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _ensure_cpu_empty_cache()
-    for root in {src.model_root, *(Path(p).parents[3] for p in _explicit_paths(src) if len(Path(p).parents) > 3)}:
+    for root in {src.model_root, *(find_tiny_root(Path(p).resolve()) for p in _explicit_paths(src))}:
         if root is not None:
             register_tiny_models(root)
     from diffsynth.pipelines.qwen_image import QwenImagePipeline

@@ -14,6 +14,8 @@ def flow_sigmas(steps: int, height: int, width: int) -> torch.Tensor:
 
     if steps < 1:
         raise ValueError("steps must be at least 1")
+    if steps == 1:  # the Qwen schedule's terminal shift divides by 1 − σ = 0 for a single σ = 1
+        return torch.tensor([1.0, 0.0])
     sigmas, _ = FlowMatchScheduler.set_timesteps_qwen_image(num_inference_steps=steps,
                                                             dynamic_shift_len=(height // 16) * (width // 16))
     return torch.cat([sigmas.float(), torch.zeros(1)])

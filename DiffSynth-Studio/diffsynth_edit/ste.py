@@ -81,7 +81,7 @@ def straight_through_gate(logits: torch.Tensor) -> torch.Tensor:
     """Hard 0/1 forward, sigmoid gradient backward."""
     soft = torch.sigmoid(logits)
     hard = (logits >= 0).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly 0 or 1 forward (hard + soft − soft can round to 0.99999994)
 
 
 class STE(nn.Module):

@@ -25,7 +25,15 @@ SPECIAL_TOKENS = [
     "<|image_pad|>", "<|video_pad|>",
 ]
 TOKEN_IDS = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
-VOCAB_SIZE = 272
+# Whole-word tokens (built by BPE merges) for the words of diffsynth's prompt templates and common edit instructions,
+# so the tiny model's prompts have realistic lengths (~70 tokens, not ~400 bytes) and text does not swamp the few
+# image tokens of a 64² edit.
+TEMPLATE_WORDS = """system user assistant Describe describe the key features of input image color shape size texture
+objects background then explain how user's text instruction should alter or modify Generate generate a new that meets
+requirements while maintaining consistency with original where appropriate by detailing quantity spatial relationships
+and Picture is to Make make change Change add Add remove Remove replace Replace recolour recolor square circle
+triangle object red green blue yellow purple orange white black colour into in on from it""".split()
+VOCAB_SIZE = 640
 
 
 class TinyQwenImageDiT(QwenImageDiT):
@@ -128,9 +136,20 @@ def build_tokenizer():
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode())}
+    byte_symbols = _bytes_to_unicode()
+    vocab = {ch: i for i, ch in enumerate(byte_symbols)}
     vocab.update(TOKEN_IDS)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
+    merges: list[tuple[str, str]] = []
+    # Letters-only words: their byte symbols are the characters themselves. (Space-prefixed forms are left out:
+    # transformers re-encodes a merge containing the space symbol, so " word" stays two tokens.)
+    for word in TEMPLATE_WORDS:
+        for k in range(2, len(word) + 1):
+            if word[:k] not in vocab:
+                vocab[word[:k]] = 256 + len(SPECIAL_TOKENS) + 2 + len(merges)
+                merges.append((word[:k - 1], word[k - 1]))
+    if len(vocab) > VOCAB_SIZE:
+        raise AssertionError(f"tiny vocabulary of {len(vocab)} exceeds VOCAB_SIZE {VOCAB_SIZE}")
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
                          pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in SPECIAL_TOKENS]})
     return tok
