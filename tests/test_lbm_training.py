@@ -80,8 +80,8 @@ def test_lbm_learning_one_step_edit(cache_dir, tiny_root, tmp_path):
     from diffsynth_edit.editor import EditSettings, Editor
     from diffsynth_edit.training.validation import prepared_from_cache
 
-    cfg = make_cfg(cache_dir, tiny_root, tmp_path, objective="lbm", mode="plain", lora_rank=32, learning_rate=5e-3,
-                   max_steps=60, batch_size=4, save_every=60, bridge_sigma=0.01)
+    cfg = make_cfg(cache_dir, tiny_root, tmp_path, objective="lbm", mode="plain", lora_rank=32, learning_rate=1e-2,
+                   max_steps=100, batch_size=4, save_every=100, bridge_sigma=0.01)
     trainer, _ = run(cfg)
     trainer.eval_view()
     editor = Editor(trainer.pipe, variant="2511", mode="plain")
