@@ -22,10 +22,11 @@ Paths timed per sample (median over N):
   every `pipe.units` entry through `pipe.unit_runner`, then `torch.save((inputs_shared, inputs_posi, inputs_nega))`),
   image loading included (upstream's dataloader loads in workers; the load time is also shown separately);
 - workspace, sequential: hash + read/resize + encode (target, source, reference, sub crop, white crop; prompt and
-  empty prompt) + atomic safetensors write, one sample at a time;
+  empty prompt: one text-encoder pass + the negative's few tail tokens on the prompt's KV cache) + atomic
+  safetensors write, one sample at a time;
 - workspace `run_cache` end to end (threads for reading and writing, VAE batches of 4): samples/s over all samples.
-The workspace does more work per sample than upstream (a second text-encoder pass for the negative prompt, the
-sub-crop latents and the mask), and stores no pickled PIL images.
+The workspace does more work per sample than upstream (the negative prompt's tail tokens, the sub-crop latents and
+the mask), and stores no pickled PIL images; the negative is stored as prefix length + tail (cache format 2).
 """
 from __future__ import annotations
 
@@ -200,7 +201,7 @@ def workspace_sample(pipe, item, encoder, writer, settings_fp: str, max_pixels: 
 
     t0 = time.perf_counter()
     item.hash = sample_hash(settings_fp, item.prompt, item.input_files(), item.id, item.edit_type)
-    prepared = prepare_sample(item, max_pixels)
+    prepared = prepare_sample(item, max_pixels, pipe)  # + uint8 pixels and processor outputs, as run_cache's readers
     tensors = encoder.encode([prepared])[0]
     writer._write(item, tensors)  # synchronous: the same atomic safetensors write run_cache does in its thread
     _sync(str(pipe.device))
@@ -305,8 +306,10 @@ def main(argv=None) -> int:
         "",
         f"- upstream image loading (part of its time; its dataloader workers would hide it): median "
         f"{med(up_loads):.3f} s/sample",
-        "- workspace per sample: 2 text-encoder passes (prompt + empty prompt, same images), VAE of target, source, "
-        "reference and sub crop (white crop once per shape); upstream: 1 text-encoder pass (cfg_scale=1 reuses it), "
+        "- workspace per sample: 1 text-encoder pass for the prompt + the empty prompt's tail tokens on its KV cache "
+        "(the shared prefix is stored once), VAE of target, source, "
+        "reference and sub crop (white crop once per shape); cudnn.benchmark in run_cache only; "
+        "upstream: 1 text-encoder pass (cfg_scale=1 reuses it), "
         "VAE of target, source and reference, plus pickled PIL images and the noise tensor.",
         "- text tokens come from a byte-level tokenizer (about 3-4x the real BPE count); vision tokens are real "
         "(384² references, patch 14, merge 2).",

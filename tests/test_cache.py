@@ -341,3 +341,50 @@ def test_two_process_run_encodes_each_sample_once(tiny_root, tmp_path, capsys):
     assert len(open_cache(cache)) == 5 and len(sample_files(cache)) == 5
     rc, out = verify(cache, capsys)
     assert rc == 0, out
+
+
+# ---- format: the negative prompt stored as prefix + tail; older formats refused ------------------------------------
+def test_negative_stored_as_prefix_and_tail(tiny_root, tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from diffsynth_edit.cache import CacheError, open_cache
+    from diffsynth_edit.cache.manifest import FORMAT
+
+    dataset = simple_dataset(tmp_path / "data", n=2)
+    cache = tmp_path / "cache"
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache, tiny_root))
+    assert rc == 0, out
+    index = open_cache(cache)
+    path = index.entries[0].path
+    raw = load_file(str(path))
+    assert "nega_prompt_emb" not in raw
+    prefix, tail = int(raw["nega_prefix_len"][0]), raw["nega_prompt_emb_tail"]
+    assert 0 < prefix and tail.shape[0] < 32 and raw["nega_prompt_emb_mask"].shape[0] == prefix + tail.shape[0]
+    s = index.load(0)
+    assert torch.equal(s.nega_prompt_emb, torch.cat([s.prompt_emb[:prefix], tail]))
+    assert index.manifest["entries"]["s0"]["nega_len"] == s.nega_prompt_emb.shape[0]
+    # a prefix longer than the prompt is caught by verify and by the reader
+    raw["nega_prefix_len"] = torch.tensor([s.prompt_emb.shape[0] + 1])
+    save_file(raw, str(path), metadata={"format": FORMAT})
+    rc, out = verify(cache, capsys)
+    assert rc == 1 and "nega_prefix_len" in out, out
+    with pytest.raises(CacheError, match="nega_prefix_len"):
+        index.load(0)
+    # a cache of the previous format is refused with the way out, and a cache run re-encodes it
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["format"] = "qwen-edit-cache/1"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"format 'qwen-edit-cache/1'.*re-create the cache"):
+        open_cache(cache)
+    rc, out = verify(cache, capsys)
+    assert rc == 1 and "qwen-edit-cache/1" in out
+    rc, out = run_inproc(capsys, *cache_args(dataset, cache, tiny_root))
+    assert rc == 0, out
+    assert open_cache(cache).manifest["format"] == FORMAT and len(open_cache(cache)) == 2
+    # files of the previous format have other names (the format is part of every sample hash): all re-encoded
+    from diffsynth_edit.cache import manifest as mf
+
+    settings = mf.CacheSettings("2511", 1024, "bf16", "x")
+    new = settings.fingerprint()
+    monkeypatch.setattr(mf, "FORMAT", "qwen-edit-cache/1")
+    assert settings.fingerprint() != new

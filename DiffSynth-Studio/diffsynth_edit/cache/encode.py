@@ -2,8 +2,9 @@
 
 Only the text encoder and the VAE are loaded (never the DiT). Images are prepared exactly like the editor prepares
 an edit (`editor.to_rgb`, `editor.fit_image`, `editor.prepare_mask`, `geometry.mask_bbox`) and encoded by the
-same functions (`encoding.vae_encode`, `encoding.encode_prompt`, `encoding.white_latents`), so a cache entry equals
-what `Editor.prepare` computes for the same sample.
+same arithmetic (`encoding.vae_encode_uint8` = `encoding.vae_encode`, `encoding.encode_prompt_pair` = two
+`encoding.encode_prompt` calls, `encoding.white_latents`; all tested equal), so a cache entry equals what
+`Editor.prepare` computes for the same sample.
 
 Flow (every rank of an `accelerate launch` run does its stride share of each step):
   1. hash every sample's inputs + settings -> file name; a file that exists and is complete is skipped;
@@ -34,7 +35,7 @@ from ..geometry import Box, binarize_mask, mask_bbox
 from ..variants import VariantMismatchError, check_same_variant, get_variant
 from .manifest import (DTYPES, FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
                        encoder_identity, read_manifest, sample_hash, write_manifest)
-from .store import EDIT_PREFIX, edit_keys, quick_check, read_header
+from .store import EDIT_PREFIX, NEGA_PREFIX, NEGA_TAIL, edit_keys, quick_check, read_header
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Test hook: "after:N" kills the process (SIGKILL) after the N-th written entry, "during:N" while the N-th entry's
@@ -260,6 +261,14 @@ class _Prepared:
     mask: Image.Image | None
     box: Box
     crop: Image.Image
+    # filled in the reader thread when a pipeline is given (else computed by the encoder):
+    pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # VAE inputs, key -> [3, H, W] uint8
+    prompt_inputs: Any = None  # encoding.prompt_inputs(pipe, [prompt, ""], images)
+
+    def vae_jobs(self) -> list[tuple[str, Image.Image]]:
+        """(cache key, image) of every VAE input of this sample."""
+        return [("input_latents", self.target), (EDIT_PREFIX + "0", self.source),
+                *((f"{EDIT_PREFIX}{i}", r) for i, r in enumerate(self.refs, start=1)), ("sub_input_latents", self.crop)]
 
 
 class SampleError(Exception):
@@ -277,8 +286,20 @@ def _open(path: Path, role: str) -> Image.Image:
         raise SampleError(f"{role} {path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
-def prepare_sample(item: _Item, max_pixels: int) -> _Prepared:
-    """Resize and mask exactly as `Editor.prepare` does; derive the ref_gt crop."""
+def prepare_sample(item: _Item, max_pixels: int, pipe=None, pin: bool = False) -> _Prepared:
+    """Resize and mask exactly as `Editor.prepare` does; derive the ref_gt crop. With `pipe`, also the CPU side of
+    the encoding (uint8 pixel tensors, page-locked with `pin`; the processor's token ids and pixel values), so the
+    reader threads do it while the device encodes the previous batch."""
+    prepared = _prepare_images(item, max_pixels)
+    if pipe is not None:
+        from ..encoding import image_to_uint8, prompt_inputs
+
+        prepared.pixels = {k: image_to_uint8(im, pin) for k, im in prepared.vae_jobs()}
+        prepared.prompt_inputs = prompt_inputs(pipe, [item.prompt, ""], [prepared.source, *prepared.refs])
+    return prepared
+
+
+def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
     from ..editor import EditInputError, fit_image, prepare_mask, to_rgb
 
     try:
@@ -339,25 +360,31 @@ class SampleEncoder:
 
     @torch.no_grad()
     def encode(self, samples: list[_Prepared]) -> list[dict[str, torch.Tensor]]:
-        from ..encoding import encode_prompt, vae_encode
+        """Tensors of each sample. VAE: every image of every sample in `samples`, grouped by size, `batch_size`
+        images per call (`encoding.vae_encode_uint8` = `encoding.vae_encode` on uint8 input). Prompt and empty
+        negative: `encoding.encode_prompt_pair` (one text-encoder pass; the negative stored as prefix length + tail)."""
+        from ..encoding import encode_prompt_pair, image_to_uint8, vae_encode_uint8
 
         out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
-        jobs: dict[tuple[int, int], list[tuple[int, str, Image.Image]]] = {}
+        jobs: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
         for n, s in enumerate(samples):
-            for key, im in (("input_latents", s.target), (EDIT_PREFIX + "0", s.source),
-                            *((f"{EDIT_PREFIX}{i}", r) for i, r in enumerate(s.refs, start=1)),
-                            ("sub_input_latents", s.crop)):
-                jobs.setdefault(im.size, []).append((n, key, im))
+            for key, im in s.vae_jobs():
+                px = s.pixels.get(key)
+                if px is None:
+                    px = image_to_uint8(im)
+                jobs.setdefault(tuple(px.shape), []).append((n, key, px))
+        lats: list[tuple[int, str, torch.Tensor]] = []
         for group in jobs.values():
             for j in range(0, len(group), self.batch_size):
                 chunk = group[j:j + self.batch_size]
-                lats = vae_encode(self.pipe, [im for _, _, im in chunk])
-                for (n, key, _), lat in zip(chunk, lats):
-                    out[n][key] = self._store(lat[0])
+                lat = vae_encode_uint8(self.pipe, [px for _, _, px in chunk])
+                lats += [(n, key, lat[i]) for i, (n, key, _) in enumerate(chunk)]
+        # one device->host copy per tensor after all VAE calls were queued (no sync between VAE calls)
+        for n, key, lat in lats:
+            out[n][key] = self._store(lat)
         for n, s in enumerate(samples):
-            images = [s.source, *s.refs]
-            emb, mask = encode_prompt(self.pipe, s.item.prompt, images)
-            nemb, nmask = encode_prompt(self.pipe, "", images)
+            pair = encode_prompt_pair(self.pipe, s.item.prompt, [s.source, *s.refs], "", inputs=s.prompt_inputs)
+            emb, mask = pair.emb, pair.mask
             w, h = s.source.size
             if s.mask is None:
                 mask_latent = torch.ones(1, h // 8, w // 8)
@@ -366,8 +393,9 @@ class SampleEncoder:
                 mask_latent = F.avg_pool2d(m, 8)[0]
             out[n].update({
                 "prompt_emb": self._store(emb[0]), "prompt_emb_mask": mask[0].to("cpu", torch.int64).contiguous(),
-                "nega_prompt_emb": self._store(nemb[0]),
-                "nega_prompt_emb_mask": nmask[0].to("cpu", torch.int64).contiguous(),
+                NEGA_TAIL: self._store(pair.nega_tail[0]),
+                NEGA_PREFIX: torch.tensor([pair.nega_prefix], dtype=torch.int64),
+                "nega_prompt_emb_mask": pair.nega_mask[0].to("cpu", torch.int64).contiguous(),
                 "sub_noise": self.white(s.box.width, s.box.height).clone(),
                 "mask_latent": mask_latent.float().contiguous(),
                 "subyx": torch.tensor(s.box.to_subyx(), dtype=torch.int64),
@@ -385,7 +413,8 @@ def entry_record(item: _Item, shapes: dict[str, list[int]], nbytes: int) -> dict
     return {"file": item.file, "hash": item.hash, "index": item.index, "size": [h * 8, w * 8],
             "sub_size": [sh * 8, sw * 8], "num_edit": len(ek),
             "edit_sizes": [[shapes[k][1] * 8, shapes[k][2] * 8] for k in ek],
-            "prompt_len": shapes["prompt_emb"][0], "nega_len": shapes["nega_prompt_emb"][0], "bytes": nbytes}
+            "prompt_len": shapes["prompt_emb"][0], "nega_len": shapes["nega_prompt_emb_mask"][0],
+            "nega_tail_len": shapes[NEGA_TAIL][0], "bytes": nbytes}
 
 
 def _kill_hook(stage: str, count: int) -> None:
@@ -582,6 +611,10 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
             raise CacheRunError(f"the given pipeline is {pipe.torch_dtype}, the config asks for {cfg.dtype}")
         from tqdm.auto import tqdm
 
+        on_cuda = torch.device(pipe.device).type == "cuda"
+        if on_cuda:
+            # VAE convolutions at a few fixed shapes per bucket: let cuDNN pick the fastest algorithm once per shape
+            torch.backends.cudnn.benchmark = True
         t_enc = time.perf_counter()  # after loading: the rate is the encoding rate
 
         bar = tqdm(total=len(mine), unit="sample", desc=f"cache {cache_dir.name}" + (
@@ -615,7 +648,7 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                 it = next(todo, None)
                 if it is None:
                     return
-                queue.append((it, loader.submit(prepare_sample, it, cfg.max_pixels)))
+                queue.append((it, loader.submit(prepare_sample, it, cfg.max_pixels, pipe, on_cuda)))
 
         try:
             fill()

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from ..atomic import atomic_write_json
 from ..variants import get_variant
 
-FORMAT = "qwen-edit-cache/1"
+FORMAT = "qwen-edit-cache/2"  # 2: the negative prompt stored as prefix length + tail (1: in full)
 MANIFEST_NAME = "manifest.json"
 SAMPLES_DIR = "samples"
 SAMPLE_SUFFIX = ".safetensors"
@@ -52,7 +52,7 @@ def resolution_policy(max_pixels: int) -> dict[str, Any]:
 
 def prompt_info() -> dict[str, Any]:
     return {"template": PROMPT_TEMPLATE, "image_template": IMAGE_PROMPT_TEMPLATE, "drop_tokens": PROMPT_DROP_TOKENS,
-            "negative_prompt": "", "function": "diffsynth_edit.encoding.encode_prompt"}
+            "negative_prompt": "", "function": "diffsynth_edit.encoding.encode_prompt_pair (= encode_prompt)"}
 
 
 def _file_sig(p: Path) -> list:

@@ -6,7 +6,9 @@
 
 Keys of a sample file (h, w = size // 8; sh, sw = sub box // 8):
 `input_latents` [16,h,w] (target), `edit_latents.<i>` [16,hi,wi] (0 = source, same size as the target),
-`prompt_emb` [L,D], `prompt_emb_mask` [L] int64, `nega_prompt_emb` [L',D], `nega_prompt_emb_mask` [L'] int64,
+`prompt_emb` [L,D], `prompt_emb_mask` [L] int64, `nega_prefix_len` [1] int64 (p), `nega_prompt_emb_tail` [L'-p,D],
+`nega_prompt_emb_mask` [L'] int64 (the negative = prompt_emb[:p] + tail: the empty prompt with the same images shares
+the prompt's leading tokens and the text encoder is causal; `load` rebuilds `nega_prompt_emb` [L',D]),
 `sub_input_latents` [16,sh,sw] (ref_gt crop), `sub_noise` [16,sh,sw] (white crop), `mask_latent` [1,h,w] float32,
 `subyx` [4] int64 (y1, y2, x1, x2 in 16-px tokens), `size` [2] int64 (height, width in pixels).
 Latents and embeddings are in the cache dtype (manifest "dtype"). Header metadata: format, id, index, prompt,
@@ -24,7 +26,9 @@ import torch
 
 from .manifest import FORMAT, MANIFEST_NAME, read_manifest
 
-TENSOR_KEYS = ("input_latents", "prompt_emb", "prompt_emb_mask", "nega_prompt_emb", "nega_prompt_emb_mask",
+NEGA_TAIL = "nega_prompt_emb_tail"
+NEGA_PREFIX = "nega_prefix_len"
+TENSOR_KEYS = ("input_latents", "prompt_emb", "prompt_emb_mask", NEGA_PREFIX, NEGA_TAIL, "nega_prompt_emb_mask",
                "sub_input_latents", "sub_noise", "mask_latent", "subyx", "size")
 EDIT_PREFIX = "edit_latents."
 
@@ -122,13 +126,17 @@ def sample_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], 
     if missing or not ek:
         raise CacheError(f"{path}: missing keys {missing + ([] if ek else [EDIT_PREFIX + '0'])}")
     size = tuple(int(v) for v in tensors["size"].tolist())
+    prefix = int(tensors[NEGA_PREFIX].reshape(-1)[0])
+    if not 0 <= prefix <= tensors["prompt_emb"].shape[0]:
+        raise CacheError(f"{path}: {NEGA_PREFIX} {prefix} outside the prompt's {tensors['prompt_emb'].shape[0]} rows")
+    nega = torch.cat([tensors["prompt_emb"][:prefix], tensors[NEGA_TAIL]]) if prefix else tensors[NEGA_TAIL]
     return CachedSample(
         id=meta.get("id", Path(path).stem),
         input_latents=tensors["input_latents"],
         edit_latents=[tensors[k] for k in ek],
         prompt_emb=tensors["prompt_emb"],
         prompt_emb_mask=tensors["prompt_emb_mask"],
-        nega_prompt_emb=tensors["nega_prompt_emb"],
+        nega_prompt_emb=nega,
         nega_prompt_emb_mask=tensors["nega_prompt_emb_mask"],
         sub_input_latents=tensors["sub_input_latents"],
         sub_noise=tensors["sub_noise"],

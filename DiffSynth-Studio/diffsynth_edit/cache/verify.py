@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .manifest import DTYPES, FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, read_manifest
-from .store import EDIT_PREFIX, TENSOR_KEYS, CacheError, edit_keys, read_header
+from .store import EDIT_PREFIX, NEGA_PREFIX, NEGA_TAIL, TENSOR_KEYS, CacheError, edit_keys, read_header
 
 
 @dataclass
@@ -80,16 +80,24 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], dtype:
         if want(k, None, dtype, ndim=3) and (tensors[k].shape[0] != 16 or min(tensors[k].shape[1:]) < 2):
             p.append(f"{k}: shape {list(tensors[k].shape)} is not a [16, h, w] latent")
     dims = []
-    for emb, mask in (("prompt_emb", "prompt_emb_mask"), ("nega_prompt_emb", "nega_prompt_emb_mask")):
+    prefix = 0
+    if want(NEGA_PREFIX, [1], torch.int64):
+        prefix = int(tensors[NEGA_PREFIX][0])
+        L = tensors["prompt_emb"].shape[0] if tensors["prompt_emb"].dim() == 2 else 0
+        if not 0 <= prefix <= L:
+            p.append(f"{NEGA_PREFIX}: {prefix} outside the prompt's {L} rows")
+            prefix = 0
+    # the negative is prompt_emb[:prefix] + its tail; its mask covers both
+    for emb, mask, extra in (("prompt_emb", "prompt_emb_mask", 0), (NEGA_TAIL, "nega_prompt_emb_mask", prefix)):
         if want(emb, None, dtype, ndim=2):
             L, D = tensors[emb].shape
             dims.append(D)
-            if L == 0:
+            if L + extra == 0:
                 p.append(f"{emb}: empty")
-            if want(mask, [L], torch.int64) and not ((tensors[mask] == 0) | (tensors[mask] == 1)).all():
+            if want(mask, [L + extra], torch.int64) and not ((tensors[mask] == 0) | (tensors[mask] == 1)).all():
                 p.append(f"{mask}: values other than 0/1")
     if len(set(dims)) > 1:
-        p.append(f"prompt_emb and nega_prompt_emb widths differ: {dims}")
+        p.append(f"prompt_emb and {NEGA_TAIL} widths differ: {dims}")
     if want("subyx", [4], torch.int64):
         y1, y2, x1, x2 = (int(v) for v in tensors["subyx"].tolist())
         if not (0 <= y1 < y2 <= h // 16 and 0 <= x1 < x2 <= w // 16):

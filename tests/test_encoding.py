@@ -1,0 +1,71 @@
+"""Batched / prefix-shared prompt encoding and uint8 VAE input equal the editor's separate calls (tiny model, fp32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def _images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = [(48, 64), (80, 40), (32, 32)][:n]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+PROMPTS = ["Picture 1 is the image to modify. Paint the box red.", ""]
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_negative_shares_the_prompt_prefix(tiny_pipe, n_images):
+    """Full encodings of prompt and empty prompt agree on the common token prefix (causal encoder); the prefix length
+    comes from the token ids, not from comparing floats."""
+    from diffsynth_edit.encoding import DROP_IDX, common_prefix_len, encode_prompt, prompt_inputs
+
+    images = _images(n_images)
+    (emb, _), (nemb, _) = (encode_prompt(tiny_pipe, p, images) for p in PROMPTS)
+    ids, _, _ = prompt_inputs(tiny_pipe, PROMPTS, images)
+    prefix = common_prefix_len(ids[0], ids[1]) - DROP_IDX
+    assert 0 < prefix < nemb.shape[1] < emb.shape[1]
+    assert nemb.shape[1] - prefix < 32  # only the closing template tokens are not shared
+    torch.testing.assert_close(nemb[:, :prefix], emb[:, :prefix], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(nemb[:, prefix], emb[:, prefix])  # they do differ after it
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_encode_prompts_equals_separate_calls(tiny_pipe, n_images):
+    from diffsynth_edit.encoding import encode_prompt, encode_prompts
+
+    images = _images(n_images)
+    prompts = [*PROMPTS, "a much longer prompt " * 5]
+    got = encode_prompts(tiny_pipe, prompts, images)
+    for p, (emb, mask) in zip(prompts, got):
+        want, wmask = encode_prompt(tiny_pipe, p, images)
+        assert emb.shape == want.shape and emb.dtype == want.dtype
+        torch.testing.assert_close(emb, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(mask, wmask)
+
+
+@pytest.mark.parametrize("prompt,negative", [(PROMPTS[0], ""), ("", ""), ("abc", "abd"), ("x", "a longer negative")])
+def test_encode_prompt_pair_equals_separate_calls(tiny_pipe, prompt, negative):
+    from diffsynth_edit.encoding import encode_prompt, encode_prompt_pair
+
+    images = _images(2)
+    pair = encode_prompt_pair(tiny_pipe, prompt, images, negative)
+    emb, mask = encode_prompt(tiny_pipe, prompt, images)
+    nemb, nmask = encode_prompt(tiny_pipe, negative, images)
+    torch.testing.assert_close(pair.emb, emb, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pair.mask, mask)
+    assert pair.nega_emb.shape == nemb.shape
+    torch.testing.assert_close(pair.nega_emb, nemb, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pair.nega_mask, nmask)
+    assert pair.nega_tail.shape[1] < 32 and pair.nega_prefix > 0
+
+
+def test_vae_encode_uint8_equals_vae_encode(tiny_pipe):
+    from diffsynth_edit.encoding import image_to_uint8, vae_encode, vae_encode_uint8
+
+    images = [_images(1)[0]] * 2
+    want = torch.cat(vae_encode(tiny_pipe, images))
+    got = vae_encode_uint8(tiny_pipe, [image_to_uint8(im) for im in images])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
