@@ -123,6 +123,25 @@ def parse_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, Any] | Non
     return Checkpoint(path=path, lora=lora, ste=ste, metadata=metadata)
 
 
+def _decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out
+
+
+def read_metadata(path: Path | str) -> dict[str, Any]:
+    """The checkpoint's metadata from the safetensors header alone (no tensor is read); {} when unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _decode_metadata(f.metadata() or {})
+    except Exception:  # damaged or not a safetensors file
+        return {}
+
+
 def read_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -137,13 +156,7 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
                 sd[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises several types for damaged files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    metadata = {}
-    for k, v in raw_meta.items():
-        try:
-            metadata[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            metadata[k] = v
-    return parse_state_dict(sd, metadata, path)
+    return parse_state_dict(sd, _decode_metadata(raw_meta), path)
 
 
 def write_checkpoint(path: Path | str, lora_state: dict[str, torch.Tensor], ste_state: dict[str, torch.Tensor] | None,

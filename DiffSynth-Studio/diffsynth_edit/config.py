@@ -57,7 +57,10 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
             return Path(value)
         if origin in (list, tuple):
             (elem,) = typing.get_args(inner)[:1] or (str,)
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+            values = value if isinstance(value, (list, tuple)) else [value]
+            # Repeated flags (`--x a --x b`) and comma lists (`--x a,b`) both work, also mixed.
+            items = [piece for v in values for piece in (v.split(",") if isinstance(v, str) else [v]) if
+                     not isinstance(piece, str) or piece.strip()]
             out = [_convert(name, elem, v.strip() if isinstance(v, str) else v) for v in items]
             return tuple(out) if origin is tuple else out
         if typing.get_origin(inner) is typing.Literal:
@@ -119,6 +122,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata.get("help", "")
         if inner is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=help_text)
+        elif typing.get_origin(inner) in (list, tuple):
+            parser.add_argument(flag, dest=f.name, action="append", default=None,
+                                help=(help_text + " " if help_text else "") + "(repeat the flag or use commas)")
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
 

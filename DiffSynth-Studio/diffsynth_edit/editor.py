@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from .bridge_dit import DiTInputs, bridge_forward
 from .checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
 from .encoding import encode_prompt, pad_prompts, vae_decode, vae_encode, white_latents
-from .geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
+from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
 from .sampling import euler_step, flow_sigmas, lbm_grid
 from .ste import STE

@@ -6,13 +6,13 @@ to the working directory or an absolute path is accepted too when it lies inside
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..checkpoint import read_metadata
 from .errors import AppInputError
 
 _STEP_RE = re.compile(r"(?:step|checkpoint|epoch)[-_]?(\d+)", re.IGNORECASE)
@@ -58,26 +58,6 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _header(path: Path) -> dict:
-    """The safetensors metadata (header only, no tensor is read); {} when unreadable."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 100_000_000:
-                return {}
-            header = json.loads(f.read(n))
-        meta = header.get("__metadata__") or {}
-        out = {}
-        for k, v in meta.items():
-            try:
-                out[k] = json.loads(v)
-            except (json.JSONDecodeError, TypeError):
-                out[k] = v
-        return out
-    except (OSError, ValueError):
-        return {}
-
-
 def _step_of(path: Path, meta: dict) -> int | None:
     step = meta.get("step")
     if step is not None:
@@ -109,7 +89,7 @@ def list_checkpoints(roots: Sequence[Path | str]) -> list[CheckpointEntry]:
                 if rel in seen_ids:  # the same name under an earlier root wins (as in resolution)
                     continue
                 seen_ids.add(rel)
-                meta = _header(real)
+                meta = read_metadata(real)
                 st = real.stat()
                 run = Path(rel).parent.as_posix()
                 entries[real] = CheckpointEntry(rel, real, root, run, _step_of(real, meta),

@@ -5,13 +5,11 @@ Every field is a `--kebab-case` flag (see `python app_gradio.py --help`); `--che
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from ..config import ConfigError, _base_type, build_config, load_preset
+from ..config import ConfigError, add_config_flags, build_config, load_preset
 
 DEFAULT_PORT = 7999
 
@@ -85,17 +83,7 @@ class AppConfig:
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Mask-guided Qwen-Image-Edit app (gradio).")
     parser.add_argument("--preset", default=None, help="TOML preset (values under [app] or at top level)")
-    hints = typing.get_type_hints(AppConfig)
-    for f in dataclasses.fields(AppConfig):
-        inner, _ = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata.get("help", "")
-        if inner is bool:
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
-        elif typing.get_origin(inner) is list:
-            parser.add_argument(flag, dest=f.name, action="append", default=None, help=text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, help=text)
+    add_config_flags(parser, AppConfig)
     return parser
 
 

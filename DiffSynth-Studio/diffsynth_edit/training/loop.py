@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_path, atomic_write_json
+from ..atomic import atomic_write_json
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..cache.store import open_cache
 from ..checkpoint import read_checkpoint, write_checkpoint
