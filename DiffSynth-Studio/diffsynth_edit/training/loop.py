@@ -169,13 +169,16 @@ class Trainer:
         from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 
         self.cfg = cfg
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        if use_deepspeed and not torch.cuda.is_available():
             PartialState(backend="gloo")  # accelerate leaves the backend unset for DeepSpeed on CPU
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        # `cpu=True` would silently turn DeepSpeed off (and break accelerate's state); DeepSpeed finds the CPU itself.
+        cpu = not use_deepspeed and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
         self.accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation, cpu=cpu,
             # The last block's text-stream output is discarded, so its txt_* LoRA gets no gradient.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.main = self.accelerator.is_main_process
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         self.zero3 = False
         if self.deepspeed:
