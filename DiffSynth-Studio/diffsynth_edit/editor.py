@@ -103,21 +103,16 @@ class EditResult:
 
 
 def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
-    """EXIF orientation applied; alpha composited onto white; any mode to RGB."""
+    """EXIF orientation applied; transparency composited onto white; 16-bit and float scaled to 8 bits; RGB.
+    The same conversion the dataset builder applies to files (dataset.image_io.to_rgb)."""
+    from .dataset.image_io import ImageDecodeError, to_rgb as image_to_rgb
+
     if not isinstance(image, Image.Image):
         raise EditInputError(f"{what} must be a PIL image, got {type(image).__name__}")
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        arr = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
-        image = Image.fromarray((arr * scale).clip(0, 255).astype("uint8"))
-    return image.convert("RGB")
+    try:
+        return image_to_rgb(ImageOps.exif_transpose(image))
+    except ImageDecodeError as e:
+        raise EditInputError(f"{what}: {e}") from None
 
 
 def fit_image(image: Image.Image, max_pixels: int) -> tuple[Image.Image, str | None]:
