@@ -388,3 +388,35 @@ def test_negative_stored_as_prefix_and_tail(tiny_root, tmp_path, capsys, monkeyp
     new = settings.fingerprint()
     monkeypatch.setattr(mf, "FORMAT", "qwen-edit-cache/1")
     assert settings.fingerprint() != new
+
+
+def test_process_workers_write_identical_files(tiny_root, tmp_path):
+    """Image preparation in worker processes (the CUDA default) gives byte-identical files to threads; the summary
+    carries the per-stage timings."""
+    from diffsynth_edit.cache.encode import CacheConfig, run_cache
+
+    data = tmp_path / "data"
+    dataset = simple_dataset(data, n=3)
+    out = {}
+    for mode in ("thread", "process"):
+        cfg = CacheConfig(dataset=dataset, cache_dir=tmp_path / mode, model_root=tiny_root, dtype="fp32",
+                          workers=mode, num_workers=2, batch_size=2, progress=False, fsync=mode == "thread")
+        cfg.validate()
+        summary = run_cache(cfg, log=lambda s: None)
+        assert summary.ok and summary.encoded == 3
+        assert "wait for prepared (device idle)" in summary.stages and "write.file" in summary.stages
+        assert "stage seconds:" in summary.format()
+        out[mode] = {p.name: _file_content(p) for p in (tmp_path / mode / "samples").glob("*.safetensors")}
+    assert len(out["thread"]) == 3 and out["thread"].keys() == out["process"].keys()
+    for name, (meta, tensors) in out["thread"].items():
+        meta2, tensors2 = out["process"][name]
+        assert meta == meta2 and tensors.keys() == tensors2.keys()
+        for k in tensors:  # bit-identical tensors (safetensors orders the metadata map arbitrarily)
+            assert tensors[k].dtype == tensors2[k].dtype and torch.equal(tensors[k], tensors2[k]), k
+
+
+def _file_content(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}

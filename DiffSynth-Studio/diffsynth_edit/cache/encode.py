@@ -9,8 +9,9 @@ same arithmetic (`encoding.vae_encode_uint8` = `encoding.vae_encode`, `encoding.
 Flow (every rank of an `accelerate launch` run does its stride share of each step):
   1. hash every sample's inputs + settings -> file name; a file that exists and is complete is skipped;
   2. the sorted list of pending samples is split by stride over the ranks (each sample encoded exactly once);
-  3. images are read/resized in threads, VAE-encoded in same-shape batches of `batch_size`, prompts encoded;
-  4. each sample is written atomically (temp file + fsync + rename); rank 0 keeps an incremental manifest
+  3. images are read/resized in worker processes (threads on CPU), VAE-encoded in same-shape batches of
+     `batch_size`, prompts encoded;
+  4. each sample is written atomically (temp file + optional fsync + rename); rank 0 keeps an incremental manifest
      (`complete: false`) that only lists finished files;
   5. after a barrier rank 0 writes the final manifest (`complete: true`) and removes orphaned/temporary files.
 """
@@ -70,7 +71,14 @@ class CacheConfig:
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "model and cache dtype"})
     batch_size: int = field(default=4, metadata={"help": "images per VAE call (same-shape images only)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N samples (no pruning)"})
-    num_workers: int = field(default=4, metadata={"help": "threads reading/hashing images"})
+    num_workers: int = field(default=4, metadata={"help": "workers reading/resizing images (and hashing threads)"})
+    workers: Literal["auto", "process", "thread"] = field(default="auto", metadata={
+        "help": "image preparation in worker processes (no GIL contention with the device loop) or threads; "
+                "auto: processes on CUDA, threads on CPU"})
+    fsync: bool = field(default=True, metadata={"help": "fsync each sample file before its rename (power-loss "
+                                                        "safety; the rename alone already survives a killed run)"})
+    cudnn_benchmark: bool = field(default=False, metadata={"help": "cudnn.benchmark for the VAE (re-tunes for "
+                                                                   "every new sub-crop shape: off by default)"})
     prune: bool = field(default=True, metadata={"help": "remove cache files no sample of this dataset maps to"})
     allow_failures: bool = field(default=False, metadata={"help": "exit 0 even when some samples failed"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
@@ -94,6 +102,8 @@ class CacheConfig:
             raise ConfigError("`limit` must be at least 1")
         if self.num_workers < 1:
             raise ConfigError("`num_workers` must be at least 1")
+        if self.workers not in ("auto", "process", "thread"):
+            raise ConfigError(f"`workers` must be auto, process or thread, not {self.workers!r}")
 
     def sources(self):
         from ..loading import ModelSources
@@ -127,6 +137,7 @@ class CacheSummary:
     per_rank: list[int] = field(default_factory=list)  # entries encoded by each rank
     seconds: float = 0.0
     encode_seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (this rank; workers summed)
 
     @property
     def ok(self) -> bool:
@@ -137,6 +148,8 @@ class CacheSummary:
         lines = [f"cache {self.cache_dir}: {self.total - len(self.failed)}/{self.total} samples cached "
                  f"(encoded {self.encoded}, skipped {self.skipped} valid, failed {len(self.failed)}), "
                  f"{_human(self.bytes_on_disk)} on disk, {rate:.2f} samples/s encoding, {self.seconds:.1f} s total"]
+        if self.stages:
+            lines.append("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.stages.items()))
         if len(self.per_rank) > 1:
             lines.append(f"encoded per rank: {self.per_rank}")
         if self.failed:
@@ -264,6 +277,7 @@ class _Prepared:
     # filled in the reader thread when a pipeline is given (else computed by the encoder):
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # VAE inputs, key -> [3, H, W] uint8
     prompt_inputs: Any = None  # encoding.prompt_inputs(pipe, [prompt, ""], images)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per preparation stage
 
     def vae_jobs(self) -> list[tuple[str, Image.Image]]:
         """(cache key, image) of every VAE input of this sample."""
@@ -290,13 +304,64 @@ def prepare_sample(item: _Item, max_pixels: int, pipe=None, pin: bool = False) -
     """Resize and mask exactly as `Editor.prepare` does; derive the ref_gt crop. With `pipe`, also the CPU side of
     the encoding (uint8 pixel tensors, page-locked with `pin`; the processor's token ids and pixel values), so the
     reader threads do it while the device encodes the previous batch."""
+    t0 = time.perf_counter()
     prepared = _prepare_images(item, max_pixels)
+    t1 = time.perf_counter()
+    prepared.timings["prep.images"] = t1 - t0
     if pipe is not None:
         from ..encoding import image_to_uint8, prompt_inputs
 
         prepared.pixels = {k: image_to_uint8(im, pin) for k, im in prepared.vae_jobs()}
+        t2 = time.perf_counter()
         prepared.prompt_inputs = prompt_inputs(pipe, [item.prompt, ""], [prepared.source, *prepared.refs])
+        prepared.timings["prep.uint8"] = t2 - t1
+        prepared.timings["prep.processor"] = time.perf_counter() - t2
     return prepared
+
+
+# ---- worker processes ------------------------------------------------------------------------------------------------
+_WORKER_PIPE: Any = None
+
+
+def _worker_init(processor) -> None:
+    """Process-pool initializer: a stand-in pipeline holding only the processor (all `prompt_inputs` needs)."""
+    global _WORKER_PIPE
+    import types
+
+    torch.set_num_threads(1)
+    _WORKER_PIPE = types.SimpleNamespace(processor=processor)
+
+
+_POOL: tuple[Any, Any] | None = None  # (key, ProcessPoolExecutor), kept between runs of one process
+
+
+def _process_pool(num_workers: int, processor):
+    """A spawned worker pool holding `processor`; reused by later runs in this process (workers start in seconds:
+    torch and transformers are imported in each), shut down at exit."""
+    global _POOL
+    import atexit
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    key = (num_workers, id(processor))
+    if _POOL is not None and _POOL[0] == key:
+        return _POOL[1]
+    if _POOL is not None:
+        _POOL[1].shutdown(wait=True, cancel_futures=True)
+    # spawn: the parent holds CUDA state; the workers need only the processor
+    pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(processor,))
+    if _POOL is None:
+        atexit.register(lambda: _POOL is not None and _POOL[1].shutdown(wait=True, cancel_futures=True))
+    _POOL = (key, pool)
+    return pool
+
+
+def _prepare_in_worker(item: _Item, max_pixels: int) -> _Prepared:
+    """`prepare_sample` in a worker process. The target and crop images travel as their uint8 tensors only."""
+    p = prepare_sample(item, max_pixels, _WORKER_PIPE)
+    p.target = p.crop = None  # the encoder reads their `pixels`
+    return p
 
 
 def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
@@ -429,16 +494,20 @@ class _Writer:
     """Writes sample files atomically in a background thread (serialisation + fsync overlap the next encode)."""
 
     def __init__(self, cache_dir: Path, settings: CacheSettings,
-                 on_done: Callable[[_Item, dict | None, str | None], None], rank: int = 0):
+                 on_done: Callable[[_Item, dict | None, str | None], None], rank: int = 0, fsync: bool = True):
         self.cache_dir, self.settings, self.on_done, self.rank = cache_dir, settings, on_done, rank
+        self.fsync = fsync
+        self.times = collections.Counter()  # write.serialise / write.file / write.backpressure seconds
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
         self.pending: collections.deque[Future] = collections.deque()
         self.count = 0
         self.lock = threading.Lock()
 
     def submit(self, item: _Item, tensors: dict[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
         while len(self.pending) >= 4:
             self.pending.popleft().result()
+        self.times["write.backpressure"] += time.perf_counter() - t0
         self.pending.append(self.pool.submit(self._write, item, tensors))
 
     def _write(self, item: _Item, tensors: dict[str, torch.Tensor]) -> None:
@@ -448,7 +517,9 @@ class _Writer:
             meta = {"format": FORMAT, "id": item.id, "index": str(item.index), "prompt": item.prompt,
                     "edit_type": item.edit_type or "", "hash": item.hash or "", "variant": self.settings.variant,
                     "dtype": self.settings.dtype, "num_edit": str(len(edit_keys(tensors)))}
+            t0 = time.perf_counter()
             data = save(tensors, metadata=meta)
+            t1 = time.perf_counter()
             final = self.cache_dir / item.file
             with self.lock:
                 self.count += 1
@@ -457,8 +528,11 @@ class _Writer:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
-                    os.fsync(f.fileno())
+                    if self.fsync:
+                        os.fsync(f.fileno())
                 _kill_hook("during", n)
+            self.times["write.serialise"] += t1 - t0
+            self.times["write.file"] += time.perf_counter() - t1
             if os.environ.get(LOG_ENV):
                 with open(os.environ[LOG_ENV], "a") as f:
                     f.write(f"{self.rank} {item.id}\n")
@@ -560,8 +634,11 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
 
     # 1. hash + check existing files: each rank a stride share, then everyone has the whole picture.
     share = items[dist.rank::dist.world]
+    t_scan = time.perf_counter()
     with ThreadPoolExecutor(max_workers=cfg.num_workers) as ex:
         scanned = list(ex.map(lambda it: (it.index, *_scan_item(it, fingerprint, cache_dir)), share))
+    stages: collections.Counter = collections.Counter()
+    stages["scan (hash + check)"] = time.perf_counter() - t_scan
     results = {idx: (h, rec, err) for part in dist.all_gather(scanned) for idx, h, rec, err in part}
     valid: dict[int, dict] = {}
     failures: list[Failure] = []
@@ -612,9 +689,10 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
         from tqdm.auto import tqdm
 
         on_cuda = torch.device(pipe.device).type == "cuda"
-        if on_cuda:
-            # VAE convolutions at a few fixed shapes per bucket: let cuDNN pick the fastest algorithm once per shape
+        if on_cuda and cfg.cudnn_benchmark:
+            # tunes once per input shape: pays off only where few shapes recur (sub crops vary per sample)
             torch.backends.cudnn.benchmark = True
+        use_procs = cfg.workers == "process" or (cfg.workers == "auto" and on_cuda)
         t_enc = time.perf_counter()  # after loading: the rate is the encoding rate
 
         bar = tqdm(total=len(mine), unit="sample", desc=f"cache {cache_dir.name}" + (
@@ -637,8 +715,17 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                                                          dataset=str(cfg.dataset)))
 
         encoder = SampleEncoder(pipe, TORCH_DTYPES[cfg.dtype], cfg.batch_size)
-        writer = _Writer(cache_dir, settings, on_done, dist.rank)
-        loader = ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="cache-reader")
+        writer = _Writer(cache_dir, settings, on_done, dist.rank, fsync=cfg.fsync)
+        if use_procs:
+            loader = _process_pool(cfg.num_workers, pipe.processor)
+
+            def submit(it: _Item) -> Future:
+                return loader.submit(_prepare_in_worker, it, cfg.max_pixels)
+        else:
+            loader = ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="cache-reader")
+
+            def submit(it: _Item) -> Future:
+                return loader.submit(prepare_sample, it, cfg.max_pixels, pipe, on_cuda)
         queue: collections.deque[tuple[_Item, Future]] = collections.deque()
         todo = iter(mine)
         depth = cfg.batch_size + 2 * cfg.num_workers
@@ -648,7 +735,7 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                 it = next(todo, None)
                 if it is None:
                     return
-                queue.append((it, loader.submit(prepare_sample, it, cfg.max_pixels, pipe, on_cuda)))
+                queue.append((it, submit(it)))
 
         try:
             fill()
@@ -656,8 +743,12 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                 batch: list[_Prepared] = []
                 while queue and len(batch) < cfg.batch_size:
                     it, fut = queue.popleft()
+                    t0 = time.perf_counter()
                     try:
-                        batch.append(fut.result())
+                        p = fut.result()
+                        stages["wait for prepared (device idle)"] += time.perf_counter() - t0
+                        stages.update(p.timings)
+                        batch.append(p)
                     except SampleError as e:
                         on_done(it, None, str(e))
                     except Exception as e:
@@ -665,13 +756,33 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                     fill()
                 if not batch:
                     continue
-                for prepared, tensors in _encode_isolated(encoder, batch, on_done):
+                t0 = time.perf_counter()
+                encoded = _encode_isolated(encoder, batch, on_done)
+                stages["encode (device + copy back)"] += time.perf_counter() - t0
+                for prepared, tensors in encoded:
                     writer.submit(prepared.item, tensors)
         finally:
-            loader.shutdown(wait=True, cancel_futures=True)
+            if use_procs:
+                for _, fut in queue:
+                    fut.cancel()
+                for _, fut in queue:  # no work of this run left behind in the kept pool
+                    if not fut.cancelled():
+                        try:
+                            fut.result()
+                        except Exception:
+                            pass
+            else:
+                loader.shutdown(wait=True, cancel_futures=True)
+            t0 = time.perf_counter()
             writer.close()
+            stages["write.drain at end"] += time.perf_counter() - t0
             bar.close()
         summary.encode_seconds = time.perf_counter() - t_enc
+        stages.update(writer.times)
+        if use_procs:
+            stages = collections.Counter({(k + " (workers)" if k.startswith("prep.") else k): v
+                                          for k, v in stages.items()})
+    summary.stages = dict(stages)
 
     # 3. gather, final manifest, cleanup.
     gathered = dist.all_gather((new, [f.as_dict() for f in my_failures], summary.encode_seconds))
