@@ -117,6 +117,38 @@ def test_checkpoint_metadata_and_logs(cache_dir, tiny_root, tmp_path):
     assert not list(run_dir.rglob("*.tmp"))
 
 
+def test_validation_grid_and_wandb_offline(cache_dir, tiny_root, tmp_path, monkeypatch):
+    """Validation runs the editor on held-out cached samples, saves a grid per validation step, leaves the training
+    state as it was, and wandb logs offline without an API key."""
+    from PIL import Image
+
+    from diffsynth_edit.training import loop
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = {}
+    original = loop.Trainer.run_validation
+
+    def spy(self, logger):
+        before = {k: v.detach().clone() for k, v in self.unwrapped().named_parameters() if v.requires_grad}
+        out = original(self, logger)
+        after = {k: v.detach() for k, v in self.unwrapped().named_parameters() if v.requires_grad}
+        seen["unchanged"] = all(torch.equal(before[k], after[k]) for k in before)
+        seen["grad_mode"] = torch.is_grad_enabled()
+        return out
+
+    monkeypatch.setattr(loop.Trainer, "run_validation", spy)
+    trainer, _ = run(make_cfg(cache_dir, tiny_root, tmp_path, max_steps=2, validate_every=1, val_cache_dir=cache_dir,
+                              val_samples=2, val_steps=2, wandb=True))
+    grids = sorted((tmp_path / "run" / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    with Image.open(grids[0]) as im:
+        assert im.width > im.height > 0  # 4 columns (source | target | output | sub), 2 rows
+    assert seen == {"unchanged": True, "grad_mode": True}
+    assert trainer.unwrapped().training
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
 def test_export_keys_map_one_to_one(cache_dir, tiny_root, tmp_path):
     from diffsynth.utils.lora.general import GeneralLoRALoader
 
@@ -176,25 +208,24 @@ def _edit_errors(trainer):
 
 
 def test_learning_on_synthetic_edits(cache_dir, tiny_root, tmp_path):
-    """SFT on 4 synthetic edits: the loss falls and the edits move towards the targets.
+    """SFT with the default optimizer (Prodigy) on 4 synthetic edits: the training loss falls at least 5x and the
+    20-step edits end closer to the targets than the unedited sources are (latent MSE).
 
-    The issue asks for a 5x loss fall and edits closer to the targets than the sources; the tiny model does not get
-    there within a CI budget (measured: 2.0-2.6x after 200-300 steps, 3.0x after 600, edit error 4.3 vs source 3.0),
-    so this asserts what it reliably does: ≥ 1.8x, and edits clearly closer to the targets than before training.
+    Measured here: 7.3x and 2.39 vs 3.02 after 1,400 steps (about 75 s on 2 CPU cores); AdamW at lr 1e-2 reached
+    only 2-3x in 200-600 steps.
     """
     from diffsynth_edit.training.logger import read_metrics
     from diffsynth_edit.training.loop import Trainer
 
-    cfg = make_cfg(cache_dir, tiny_root, tmp_path, lora_rank=32, learning_rate=1e-2, max_steps=200, batch_size=4,
-                   save_every=200, optimizer="adamw", mode="plain")
+    cfg = make_cfg(cache_dir, tiny_root, tmp_path, lora_rank=32, optimizer="prodigy", learning_rate=None,
+                   max_steps=1400, batch_size=4, save_every=1400, warmup_steps=10, mode="plain")
     trainer = Trainer(cfg)
     trainer.build()
-    before, src_err = _edit_errors(trainer)  # LoRA B starts at zero: the base model
     trainer.fit()
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     losses = [float(r["loss"]) for r in rows]
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
-    assert first / last >= 1.8, (first, last)
+    assert first / last >= 5, (first, last)
     trainer.eval_view()
-    after, _ = _edit_errors(trainer)
-    assert after < 0.6 * before, (before, after, src_err)
+    edit_err, src_err = _edit_errors(trainer)
+    assert edit_err < src_err, (edit_err, src_err)
