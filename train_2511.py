@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Split training for Qwen-Image-Edit-2511/2509.
 
-    python train_2511.py cache  --preset configs/train_2511.toml ...   # phase 1: text + VAE encodings to a cache
+    python train_2511.py cache  --preset configs/cache_2511.toml ...   # phase 1: text + VAE encodings to a cache
     python train_2511.py verify --cache-dir data/cache                  # check every cache entry
     python train_2511.py train  --preset configs/train_2511.toml ...   # phase 2: LoRA (+ STE) from the cache
     python train_2511.py export --checkpoint train/run/step-100.safetensors --out lora_comfy.safetensors
