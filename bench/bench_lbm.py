@@ -14,7 +14,6 @@ Writes $OUT/lbm.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -23,7 +22,7 @@ from PIL import Image
 
 from bench_cache import build_full_pipeline, build_tiny_pipeline
 from bench_dit_forward import build_full_dit, build_tiny_dit
-from bench_train_step import strip_lora, sync, time_steps
+from bench_train_step import strip_lora, sync, time_steps, write_report
 
 
 def main() -> int:
@@ -135,11 +134,7 @@ def main() -> int:
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² source with a {box}² mask box (sub stream), bf16; "
              f"median of {a.repeats}", "", "| case | time | peak GiB |", "| --- | --- | --- |"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "lbm.md"), "w") as f:
-            f.write(text + "\n")
+    write_report("\n".join(lines), "lbm.md")
     return 0
 
 

@@ -43,6 +43,14 @@ def strip_lora(dit: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def write_report(text: str, filename: str) -> None:
+    """Print a result table and, when $OUT is set, write it there too."""
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], filename), "w") as f:
+            f.write(text + "\n")
+
+
 def time_steps(step_fn, device, warmup, repeats):
     for _ in range(warmup):
         step_fn()
@@ -168,11 +176,7 @@ def main() -> int:
              "| case | s / optimizer step / sample | peak GiB | trainable params |", "| --- | --- | --- | --- |"]
     for label, med, peak, n in rows:
         lines.append(f"| {label} | {med:.3f} | {peak:.1f} | {n / 1e6:.1f} M |")
-    text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "train_step.md"), "w") as f:
-            f.write(text + "\n")
+    write_report("\n".join(lines), "train_step.md")
     return 0
 
 

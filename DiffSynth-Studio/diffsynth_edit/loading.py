@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -36,7 +36,6 @@ class ModelSources:
     tokenizer_path: Path | None = None
     processor_path: Path | None = None
     allow_download: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> ModelVariant:

@@ -22,7 +22,7 @@ import traceback
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 

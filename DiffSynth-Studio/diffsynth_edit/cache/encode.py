@@ -34,7 +34,7 @@ from PIL import Image
 from ..atomic import atomic_path
 from ..geometry import Box, binarize_mask, mask_bbox
 from ..variants import VariantMismatchError, check_same_variant, get_variant
-from .manifest import (DTYPES, FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
+from .manifest import (FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
                        encoder_identity, read_manifest, sample_hash, write_manifest)
 from .store import EDIT_PREFIX, NEGA_PREFIX, NEGA_TAIL, edit_keys, quick_check, read_header
 

@@ -6,7 +6,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
 
 from ..cache.store import CacheIndex, CachedSample
 from ..encoding import pad_prompts
@@ -79,8 +78,9 @@ def sample_generator(seed: int, epoch: int, sample_index: int) -> torch.Generato
     return torch.Generator("cpu").manual_seed((seed * 7_919 + epoch * 104_729 + sample_index * 1_299_709) % (2 ** 63))
 
 
-def collate(samples: list[CachedSample], use_negative: list[bool]) -> dict:
-    """Stack equal-shaped samples; prompts padded; `use_negative[i]` swaps in the cached empty-prompt embedding."""
+def collate(samples: list[CachedSample], use_negative: list[bool], device: torch.device | str = "cpu") -> dict:
+    """Stack equal-shaped samples onto `device`; prompts padded; `use_negative[i]` swaps in the cached empty-prompt
+    embedding."""
     embs, masks = [], []
     for s, neg in zip(samples, use_negative):
         e, m = (s.nega_prompt_emb, s.nega_prompt_emb_mask) if neg else (s.prompt_emb, s.prompt_emb_mask)
@@ -88,25 +88,18 @@ def collate(samples: list[CachedSample], use_negative: list[bool]) -> dict:
         masks.append(m[None].long())
     prompt_emb, prompt_mask = pad_prompts(embs, masks)
     n_edit = len(samples[0].edit_latents)
+
+    def stack(tensors) -> torch.Tensor:
+        return torch.stack(list(tensors)).to(device)
+
     return {
         "ids": [s.id for s in samples],
-        "input_latents": torch.stack([s.input_latents for s in samples]),
-        "edit_latents": [torch.stack([s.edit_latents[k] for s in samples]) for k in range(n_edit)],
-        "prompt_emb": prompt_emb,
-        "prompt_emb_mask": prompt_mask,
-        "sub_input_latents": torch.stack([s.sub_input_latents for s in samples]),
-        "sub_noise": torch.stack([s.sub_noise for s in samples]),
-        "mask_latent": torch.stack([s.mask_latent for s in samples]),
-        "subyx": torch.stack([s.subyx.long() for s in samples]),
+        "input_latents": stack(s.input_latents for s in samples),
+        "edit_latents": [stack(s.edit_latents[k] for s in samples) for k in range(n_edit)],
+        "prompt_emb": prompt_emb.to(device),
+        "prompt_emb_mask": prompt_mask.to(device),
+        "sub_input_latents": stack(s.sub_input_latents for s in samples),
+        "sub_noise": stack(s.sub_noise for s in samples),
+        "mask_latent": stack(s.mask_latent for s in samples),
+        "subyx": stack(s.subyx.long() for s in samples),
     }
-
-
-class CacheSamples(Dataset):
-    def __init__(self, index: CacheIndex):
-        self.index = index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> CachedSample:
-        return self.index.load(i)

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,10 +60,11 @@ class EditTrainModel(nn.Module):
     def __init__(self, dit: nn.Module, ste: STE | None, cfg: TrainConfig, zero_cond_t: bool, vae=None):
         super().__init__()
         self.dit, self.ste, self.cfg, self.zero_cond_t = dit, ste, cfg, zero_cond_t
+        self.base_dtype = next(p for p in dit.parameters() if not p.requires_grad).dtype  # the frozen DiT's
         self.pixel_loss = PixelLoss(vae, cfg) if cfg.objective == "lbm" and cfg.pixel_loss_weight > 0 else None
 
     def forward(self, batch: dict, noised) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        dtype = next(p for p in self.dit.parameters() if not p.requires_grad).dtype
+        dtype = self.base_dtype
         bridge = self.cfg.mode == "bridge"
         inputs = DiTInputs(
             latents=noised.latents.to(dtype), timestep=noised.timestep,
@@ -158,12 +158,6 @@ def _base_optimizer(optimizer):
     return inner
 
 
-@dataclass
-class ResumeState:
-    step: int
-    data: dict
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
@@ -187,7 +181,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 LoRA matmuls
             torch.backends.cudnn.allow_tf32 = True
-        self.main = self.accelerator.is_main_process
         self.cache = open_cache(cfg.cache_dir)
         self.variant = get_variant(self.cache.variant)
         check_same_variant(self.cache.variant, cfg.variant, "this run's --variant (the cache)")
@@ -379,10 +372,7 @@ class Trainer:
         ids, epoch = self.stream.next()
         gens = [sample_generator(cfg.seed, epoch, i) for i in ids]
         use_neg = [bool(torch.rand(1, generator=g) < cfg.cfg_drop_prob) for g in gens]
-        batch = collate([self.cache.load(i) for i in ids], use_neg)
-        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else
-                     [t.to(self.device) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
-                     else v) for k, v in batch.items()}
+        batch = collate([self.cache.load(i) for i in ids], use_neg, self.device)
         bridge = cfg.mode == "bridge"
         if cfg.objective == "lbm":
             noised = make_lbm_inputs(batch, gens, bridge, cfg.lbm_grid, cfg.lbm_probs, cfg.bridge_sigma)
