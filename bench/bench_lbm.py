@@ -99,6 +99,9 @@ def main() -> int:
         pipe = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", device, dtype)
     else:
         pipe = build_full_pipeline(device, dtype)
+        from diffsynth_edit.speedups import exact_speedups
+
+        exact_speedups(pipe)  # as the workspace loader does
     pipe.dit = dit
     ste = STE.for_dit(dit).to(device=device, dtype=torch.float32).eval()
     editor = Editor(pipe, variant="2511", ste=ste)
@@ -108,32 +111,49 @@ def main() -> int:
     request = EditRequest(image=src, prompt="Picture 1 is the image to modify. Replace the object with a red cube.",
                           mask=mask)
 
+    from diffsynth_edit.encoding import vae_decode
+
     def timed_edit(steps, label):
         settings = EditSettings(sampler="lbm", steps=steps, cfg_scale=1.0)
         for _ in range(2):
             editor.edit(request, settings)
-        times = []
+        times, parts = [], []
         for _ in range(a.repeats):
             sync(device)
             t = time.perf_counter()
             editor.edit(request, settings)
             sync(device)
             times.append(time.perf_counter() - t)
+            # the same edit in its parts: prepare (prompt + VAE encode), DiT steps, decode main + sub
+            marks = [time.perf_counter()]
+            prep = editor.prepare(request, settings)
+            sync(device), marks.append(time.perf_counter())
+            x, x_sub = editor.sample(prep, settings)
+            sync(device), marks.append(time.perf_counter())
+            vae_decode(editor.pipe, x), vae_decode(editor.pipe, x_sub)
+            sync(device), marks.append(time.perf_counter())
+            parts.append([b - a_ for a_, b in zip(marks, marks[1:])])
+        split = " / ".join(f"{statistics.median(p[i] for p in parts):.3f}" for i in range(3))
         rows.append((label + f", {steps} step{'s' if steps > 1 else ''}", f"{statistics.median(times):.3f} s",
-                     f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device == "cuda" else "—"))
+                     split, f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device == "cuda" else "—"))
 
     with torch.no_grad():
         for steps in (1, 4):
             timed_edit(steps, "end-to-end LBM edit, eager")
         if not a.skip_compile:
-            for block in dit.transformer_blocks:
-                block.compile()
+            editor.speed_up(compile_blocks=True)
             for steps in (1, 4):
                 timed_edit(steps, "end-to-end LBM edit, compiled blocks")
+        if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
+            editor.speed_up(fp8=True)
+            for steps in (1, 4):
+                timed_edit(steps, "end-to-end LBM edit, compiled blocks + fp8 linears" if not a.skip_compile
+                           else "end-to-end LBM edit, eager + fp8 linears")
 
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² source with a {box}² mask box (sub stream), bf16; "
-             f"median of {a.repeats}", "", "| case | time | peak GiB |", "| --- | --- | --- |"]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]
+             f"median of {a.repeats}", "",
+             "| case | time | prepare / DiT steps / decode (s) | peak GiB |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2] if len(r) == 4 else ''} | {r[-1]} |" for r in rows]
     write_report("\n".join(lines), "lbm.md")
     return 0
 

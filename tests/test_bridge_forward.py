@@ -193,7 +193,7 @@ def test_ste_gates_route_sub_rope_per_block_and_token(dit):
     assert bool((mixed == 0).any()) and bool((mixed == 1).any()), "test needs both gate values"
     assert len(spy.calls) == len(dit.transformer_blocks)
     for block_id, call in enumerate(spy.calls):
-        freqs = call["image_rotary_emb"][0]
+        freqs = torch.view_as_complex(call["image_rotary_emb"][0].contiguous())  # bridge_forward passes (cos, sin)
         assert freqs.shape == (2, 1, own.shape[0], own.shape[1])
         gate = gates[block_id] > 0.5  # exactness of the 0/1 values is checked in test_gate_values_are_exactly_0_or_1
         for b in range(2):

@@ -14,6 +14,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The cache encodes VAE inputs in batches, the editor one by one: conv kernels differ by batch size (≈1e-5).
+LATENT_TOL = dict(atol=5e-5, rtol=1e-4)
+
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
 def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> str:
@@ -127,7 +130,7 @@ def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
         assert s.size == (h, w) == info.size
         assert info.num_edit == len(s.edit_latents) == len(prep.edit_latents)
         for got, want in zip(s.edit_latents, prep.edit_latents):
-            torch.testing.assert_close(got, want[0].float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want[0].float(), **LATENT_TOL)
         torch.testing.assert_close(s.prompt_emb, prep.prompt_emb[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s.nega_prompt_emb, prep.nega_emb[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(s.prompt_emb_mask, prep.prompt_mask[0].cpu().long())
@@ -136,12 +139,12 @@ def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
         torch.testing.assert_close(s.mask_latent, prep.mask_latent[0].cpu().float())
         # target at the source's size; ref_gt crop = target through the mask onto white; white sub start
         target = fit_image(to_rgb(Image.open(data / e["image"])), max_pixels)[0]
-        torch.testing.assert_close(s.input_latents, vae_encode(tiny_pipe, [target])[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.input_latents, vae_encode(tiny_pipe, [target])[0][0], **LATENT_TOL)
         white = Image.new("RGB", target.size, (255, 255, 255))
         pasted = target if prep.mask is None else Image.composite(target, white, prep.mask)
         crop = pasted.crop(prep.box.pil_box())
         assert info.sub_size == (prep.box.height, prep.box.width)
-        torch.testing.assert_close(s.sub_input_latents, vae_encode(tiny_pipe, [crop])[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.sub_input_latents, vae_encode(tiny_pipe, [crop])[0][0], **LATENT_TOL)
         torch.testing.assert_close(s.sub_noise, white_latents(tiny_pipe, prep.box.width, prep.box.height)[0],
                                    atol=1e-5, rtol=1e-5)
         assert s.metadata["prompt"] == e["prompt"] and s.metadata["edit_type"] == "recolor"

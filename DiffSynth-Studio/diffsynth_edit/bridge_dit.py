@@ -15,7 +15,10 @@ import torch
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from .speedups import real_rope
 from .ste import STE
+
+real_rope()  # the blocks take real (cos, sin) RoPE tables from this forward: same numbers, fusable by inductor
 
 
 @dataclass
@@ -49,13 +52,10 @@ def _as_batch_timestep(timestep: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def swapped_sub_freqs(main_freqs: torch.Tensor, main_hw: tuple[int, int], subyx: torch.Tensor) -> torch.Tensor:
-    """Per sample, the main image's RoPE on the sub box: [B, L_sub, D/2] (complex)."""
+    """Per sample, the main image's RoPE on the sub box: [B, L_sub, D/2] (complex) or [B, L_sub, D/2, 2] (real)."""
     hm, wm = main_hw
-    grid = main_freqs.view(hm, wm, -1)
-    out = []
-    for y1, y2, x1, x2 in subyx.tolist():
-        out.append(grid[y1:y2, x1:x2].reshape((y2 - y1) * (x2 - x1), -1))
-    return torch.stack(out)
+    grid = main_freqs.unflatten(0, (hm, wm))
+    return torch.stack([grid[y1:y2, x1:x2].flatten(0, 1) for y1, y2, x1, x2 in subyx.tolist()])
 
 
 def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: bool = False,
@@ -111,7 +111,8 @@ def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: 
     mask = mask[:, :txt_len]
     text = dit.txt_in(dit.txt_norm(prompt_emb))
     txt_seq_lens = mask.sum(dim=1).tolist()
-    vid_freqs, txt_freqs = dit.pos_embed(img_shapes, txt_seq_lens, device=image.device)
+    vid_freqs, txt_freqs = (torch.view_as_real(f) for f in dit.pos_embed(img_shapes, txt_seq_lens,
+                                                                          device=image.device))
     attention_mask = None
     if not bool(mask.bool().all()):
         keys = torch.cat([mask.bool(), torch.ones(batch, image.shape[1], dtype=torch.bool, device=mask.device)], 1)
@@ -121,8 +122,8 @@ def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: 
     if routed:
         own_sub = vid_freqs[n_main:n_noisy]
         swapped = swapped_sub_freqs(vid_freqs[:n_main], (hm, wm), inputs.subyx)
-        head = vid_freqs[:n_main].unsqueeze(0).expand(batch, -1, -1)
-        tail = vid_freqs[n_noisy:].unsqueeze(0).expand(batch, -1, -1)
+        head = vid_freqs[:n_main].expand(batch, *vid_freqs[:n_main].shape)
+        tail = vid_freqs[n_noisy:].expand(batch, *vid_freqs[n_noisy:].shape)
 
     def run_block(block, block_id, image, text):
         freqs = vid_freqs
@@ -132,9 +133,9 @@ def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: 
                 gate = torch.full((batch, n_sub), float(gate_override), device=image.device)
             else:
                 gate = ste(image, block_id)[:, n_main:n_noisy]
-            g = gate.unsqueeze(-1)
+            g = gate[..., None, None]
             sub_freqs = own_sub.unsqueeze(0) * g + swapped * (1 - g)
-            freqs = torch.cat([head, sub_freqs, tail], dim=1).unsqueeze(1)  # [B, 1, L, D/2]
+            freqs = torch.cat([head, sub_freqs, tail], dim=1).unsqueeze(1)  # [B, 1, L, D/2, 2]
         text, image = block(image=image, text=text, temb=conditioning, image_rotary_emb=(freqs, txt_freqs),
                             attention_mask=attention_mask, modulate_index=modulate_index)
         return text, image, gate

@@ -49,6 +49,8 @@ class ModelOptions:
     mode: Literal["auto", "bridge", "plain"] = field(
         default="auto", metadata=_h("auto = bridge when the checkpoint has an STE, else plain"))
     device: str = field(default="auto", metadata=_h("auto (cuda when available), cuda, cuda:1, cpu"))
+    compile: bool = field(default=False, metadata=_h("torch.compile each DiT block (CUDA; the first edit compiles)"))
+    fp8: bool = field(default=False, metadata=_h("fp8 matmuls in the DiT blocks (CUDA, Ada/Hopper; approximate)"))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto", metadata=_h("auto = bfloat16 on GPU, float32 on CPU"))
 
@@ -214,6 +216,10 @@ def build_editor(cfg: ModelOptions):
     editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
+    if cfg.compile or cfg.fp8:
+        if not str(device).startswith("cuda"):
+            raise SystemExit("--compile and --fp8 need a CUDA device (--device)")
+        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
     return editor
 
 

@@ -24,6 +24,7 @@ from .encoding import encode_prompt, pad_prompts, vae_decode, vae_encode, white_
 from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
 from .sampling import euler_step, flow_sigmas, lbm_grid
+from .speedups import quantize_dit_fp8
 from .ste import STE
 from .variants import get_variant
 
@@ -165,6 +166,8 @@ class Editor:
         self.hot_swap = hot_swap
         self.checkpoint: Checkpoint | None = None
         self._fused = False
+        self.fp8 = False
+        self.compiled = False
         if hot_swap:
             pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
 
@@ -190,6 +193,9 @@ class Editor:
         with torch.device("meta"):
             template = self.ste_template()
         check_against_model(ckpt, self.pipe.dit, template, self.variant)
+        if self.fp8 and not self.hot_swap:
+            raise CheckpointError("the DiT runs in fp8: load the checkpoint before `speed_up(fp8=True)`, or create "
+                                  "the editor with hot_swap=True (the LoRA then runs beside the fp8 weights)")
         if self._fused and not self.hot_swap:
             raise CheckpointError("a LoRA is already fused into this editor's model; create the editor with "
                                   "hot_swap=True to switch checkpoints")
@@ -255,6 +261,19 @@ class Editor:
         if (width, height) not in cache:
             cache[(width, height)] = white_latents(self.pipe, width, height).float()
         return cache[(width, height)]
+
+    # ---- speed ---------------------------------------------------------------------------------------------------
+    def speed_up(self, compile_blocks: bool = False, fp8: bool = False) -> None:
+        """Opt-in, CUDA: `fp8` runs the DiT blocks' linears as fp8 matmuls (approximate; a hot-loaded LoRA stays
+        bf16); `compile_blocks` compiles each DiT block with torch.compile (the first edit at a new size compiles,
+        about a minute for the full model)."""
+        if fp8 and not self.fp8:
+            quantize_dit_fp8(self.pipe.dit)
+            self.fp8 = True
+        if compile_blocks and not self.compiled:
+            for block in self.pipe.dit.transformer_blocks:
+                block.compile()
+            self.compiled = True
 
     # ---- sampling ----------------------------------------------------------------------------------------------
     def predict(self, prep: PreparedEdit, x: torch.Tensor, x_sub: torch.Tensor | None, timestep: float,
@@ -334,7 +353,7 @@ class Editor:
         image = vae_decode(self.pipe, x)[0]
         sub_image = vae_decode(self.pipe, x_sub)[0] if x_sub is not None else None
         info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
-                                   "zero_cond_t": self.zero_cond_t, "size": list(prep.size),
+                                   "zero_cond_t": self.zero_cond_t, "size": list(prep.size), "fp8": self.fp8,
                                    "box": list(prep.box.to_subyx()),
                                    "checkpoint": str(self.checkpoint.path) if self.checkpoint else None}
         return EditResult(image, sub_image, info, prep.notices, x, x_sub)

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from .speedups import exact_speedups
 from .variants import ModelVariant, get_variant
 
 COMPONENTS = ("dit", "text_encoder", "vae", "tokenizer", "processor")
@@ -204,6 +205,7 @@ def load_pipeline(src: ModelSources, components: Iterable[str] = COMPONENTS, dev
 
         pipe.processor = Qwen2VLProcessor.from_pretrained(processor_dir)
     pipe.vram_management_enabled = pipe.check_vram_management_state()
+    exact_speedups(pipe)  # single-frame VAE convs as 2D, vision attention in one call (see speedups)
     for name in ("text_encoder", "dit", "vae"):
         model = getattr(pipe, name)
         if model is not None:

@@ -1,0 +1,148 @@
+"""Speed-ups that keep diffsynth's modules, weights and checkpoint keys.
+
+- `single_frame_vae`: Qwen-Image's VAE is Wan's causal 3D VAE. On one frame without a feature cache (every image
+  encode/decode) each causal conv pads two zero frames in front of the image, so only the kernel's last time slice
+  ever touches data. Running that slice as a `conv2d` gives the same numbers with a third of the FLOPs and cuDNN's
+  2D kernels. Exact; applied by `load_pipeline`.
+- `real_rope`: RoPE as real arithmetic on (cos, sin) pairs instead of complex multiplies, so `torch.compile` can
+  fuse it (inductor does not fuse complex ops). The same formula; `bridge_forward` passes real frequency tables.
+- `single_call_vision_attention`: the text encoder's vision tower (Qwen2.5-VL) runs its windowed attention as one
+  SDPA call per window, with a host sync per layer (`lengths.tolist()`); here it is one SDPA call per layer with a
+  block-diagonal mask built on the device. Same attention, a few launches instead of hundreds.
+- `quantize_dit_fp8`: opt-in inference mode. The transformer blocks' linears run as fp8 (e4m3) matmuls with
+  per-output-channel weight scales and per-token activation scales (`torch._scaled_mm`); a hot-loaded LoRA still
+  adds its bf16 branch. Not exact: an approximation users choose (as in ComfyUI / diffsynth's fp8 modes).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+
+
+# ---- VAE: single frame convs as 2D ----------------------------------------------------------------------------
+def _single_frame_conv(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[2] != 1 or cache_x is not None:
+        return type(self).forward(self, x, cache_x)
+    pad_w, _, pad_h, _ = self._padding[:4]
+    y = F.conv2d(x[:, :, 0], self.weight[:, :, -1], self.bias, self.stride[1:], (pad_h, pad_w))
+    return y.unsqueeze(2)
+
+
+def single_frame_vae(vae: torch.nn.Module) -> int:
+    """Patch every causal conv whose time padding puts one output frame on the kernel's last tap; returns how many."""
+    from diffsynth.models.qwen_image_vae import QwenImageCausalConv3d
+
+    patched = 0
+    for module in vae.modules():
+        if not isinstance(module, QwenImageCausalConv3d):
+            continue
+        kt, st = module.kernel_size[0], module.stride[0]
+        if module._padding[4] != kt - 1 or module._padding[5] != 0 or st != 1:
+            continue  # temporal resampling convs: only ever called with a feature cache (video)
+        module.forward = types.MethodType(_single_frame_conv, module)
+        patched += 1
+    return patched
+
+
+# ---- RoPE as real arithmetic ----------------------------------------------------------------------------------
+_original_rotary = None
+
+
+def _rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """`x` [B, H, L, D]; `freqs` complex [..., L, D/2] (upstream) or real [..., L, D/2, 2] (cos, sin)."""
+    if freqs.is_complex():
+        return _original_rotary(x, freqs)
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def real_rope() -> None:
+    """Let diffsynth's attention accept real (cos, sin) tables; complex tables still take upstream's code."""
+    global _original_rotary
+    from diffsynth.models import qwen_image_dit
+
+    if _original_rotary is None:
+        _original_rotary = qwen_image_dit.apply_rotary_emb_qwen
+        qwen_image_dit.apply_rotary_emb_qwen = _rotary
+
+
+# ---- vision tower: windowed attention in one call ------------------------------------------------------------
+def _vision_attention(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, max_seqlen=None,
+                      **kwargs) -> torch.Tensor:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, D]
+    window = torch.searchsorted(cu_seqlens[1:].contiguous(),
+                                torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype), right=True)
+    same_window = window[:, None] == window[None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=same_window, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(length, -1))
+
+
+def single_call_vision_attention(text_encoder: torch.nn.Module) -> int:
+    """Patch the Qwen2.5-VL vision attention modules (not under flash-attention-2, which already runs varlen)."""
+    try:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+    except ImportError:
+        return 0
+    patched = 0
+    for module in text_encoder.modules():
+        if isinstance(module, Qwen2_5_VLVisionAttention) and "flash" not in str(module.config._attn_implementation):
+            module.forward = types.MethodType(_vision_attention, module)
+            patched += 1
+    return patched
+
+
+def exact_speedups(pipe) -> None:
+    """The loader's patches (single-frame VAE, one-call vision attention) on a pipeline built elsewhere."""
+    if getattr(pipe, "vae", None) is not None:
+        single_frame_vae(pipe.vae)
+    if getattr(pipe, "text_encoder", None) is not None:
+        single_call_vision_attention(pipe.text_encoder)
+
+
+# ---- fp8 linears ----------------------------------------------------------------------------------------------
+def _fp8_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    scale_x = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    xq = (x2.float() / scale_x).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(xq, self.fp8_weight.t(), scale_a=scale_x, scale_b=self.fp8_scale,
+                           bias=self.bias, out_dtype=x.dtype).reshape(*shape[:-1], -1)
+    if getattr(self, "lora_A_weights", None):
+        out = self.lora_forward(x, out)
+    return out
+
+
+def quantize_linear_fp8(linear: torch.nn.Linear) -> None:
+    """In place: fp8 weight + per-row scale buffers; the bf16 weight is released."""
+    w = linear.weight.detach()
+    scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    linear.register_buffer("fp8_weight", (w.float() / scale).to(torch.float8_e4m3fn), persistent=False)
+    linear.register_buffer("fp8_scale", scale.t().contiguous(), persistent=False)  # [1, out]
+    linear.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+    linear.forward = types.MethodType(_fp8_forward, linear)
+
+
+def quantize_dit_fp8(dit: torch.nn.Module) -> int:
+    """fp8 for the blocks' token linears (attention projections and MLPs; not modulation, not in/out layers)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise RuntimeError("fp8 inference needs a CUDA GPU with fp8 tensor cores (Ada or Hopper)")
+    count = 0
+    for name, module in dit.transformer_blocks.named_modules():
+        if isinstance(module, torch.nn.Linear) and "_mod" not in name and not hasattr(module, "fp8_weight"):
+            quantize_linear_fp8(module)
+            count += 1
+    return count

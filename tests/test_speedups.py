@@ -1,0 +1,112 @@
+"""Speed-ups that must not change results: the single-frame VAE convs, real-valued RoPE; fp8 (CUDA only) close."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from diffsynth.models import qwen_image_dit
+from diffsynth.models.qwen_image_vae import QwenImageCausalConv3d, QwenImageVAE
+
+from diffsynth_edit import speedups
+
+
+def _vae_pair():
+    torch.manual_seed(0)
+    ref = QwenImageVAE(base_dim=16, num_res_blocks=1).eval()
+    fast = QwenImageVAE(base_dim=16, num_res_blocks=1).eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def test_single_frame_vae_matches_conv3d_encode_and_decode():
+    ref, fast = _vae_pair()
+    n = speedups.single_frame_vae(fast)
+    convs = [m for m in fast.modules() if isinstance(m, QwenImageCausalConv3d)]
+    # every conv but the temporal resampling ones (used only with a video feature cache) is patched
+    assert n == sum(1 for m in convs if m.stride[0] == 1 and m._padding[4] == m.kernel_size[0] - 1) > 10
+    assert n < len(convs)
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        lat_ref, lat_fast = ref.encode(x), fast.encode(x)
+        assert lat_fast.shape == (2, 16, 8, 12)
+        torch.testing.assert_close(lat_fast, lat_ref, rtol=1e-4, atol=1e-5)
+        img_ref, img_fast = ref.decode(lat_ref), fast.decode(lat_ref)
+        assert img_fast.shape == (2, 3, 64, 96)
+        torch.testing.assert_close(img_fast, img_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_single_frame_vae_keeps_the_3d_path_for_videos():
+    ref, fast = _vae_pair()
+    speedups.single_frame_vae(fast)
+    calls = []
+    for m in fast.modules():
+        if isinstance(m, QwenImageCausalConv3d) and isinstance(m.forward, types.MethodType) \
+                and m.forward.__func__ is speedups._single_frame_conv:
+            m.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[2]))
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(fast.encode_video(video), ref.encode_video(video), rtol=1e-4, atol=1e-5)
+    assert calls and any(t > 1 for t in calls)  # multi-frame chunks went through the patched modules unchanged
+
+
+def test_vision_attention_in_one_call_equals_per_window(tiny_sources):
+    from PIL import Image
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+    from diffsynth_edit import encoding
+    from diffsynth_edit.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_sources, components=("text_encoder", "tokenizer", "processor"), device="cpu",
+                         torch_dtype=torch.float32)
+    model = pipe.text_encoder.model
+    attn = [m for m in model.modules() if isinstance(m, Qwen2_5_VLVisionAttention)]
+    assert attn and all(m.forward.__func__ is speedups._vision_attention for m in attn)  # applied by the loader
+    # two images of different grids: several windows per image, and a full-attention layer (per image)
+    images = [Image.effect_noise((300, 200), 60).convert("RGB"), Image.effect_noise((256, 256), 40).convert("RGB")]
+    _, pv, grid = encoding.prompt_inputs(pipe, ["make it red"], images)
+    with torch.no_grad():
+        fast = encoding._image_embeds(model, pv, grid)
+        for m in attn:
+            del m.forward  # back to transformers' per-window loop
+        reference = encoding._image_embeds(model, pv, grid)
+    assert fast.shape == reference.shape and fast.shape[0] == int(grid.prod(dim=1).sum()) // 4
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_real_rope_equals_complex_rope():
+    speedups.real_rope()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 50, 16, dtype=torch.bfloat16)
+    freqs = torch.polar(torch.ones(50, 8), torch.randn(50, 8))
+    expected = speedups._original_rotary(x, freqs)
+    assert torch.equal(qwen_image_dit.apply_rotary_emb_qwen(x, torch.view_as_real(freqs)), expected)
+    assert torch.equal(qwen_image_dit.apply_rotary_emb_qwen(x, freqs), expected)  # complex: upstream's code
+
+
+def test_fp8_refuses_without_a_capable_gpu():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this machine has fp8 tensor cores")
+    with pytest.raises(RuntimeError, match="fp8"):
+        speedups.quantize_dit_fp8(torch.nn.Module())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="fp8 matmuls need Ada/Hopper")
+def test_fp8_linear_is_close_and_keeps_hot_loaded_lora():
+    from diffsynth.core.vram.layers import LoRAHotLoadMixin
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512).cuda().bfloat16()
+    x = torch.randn(3, 7, 256, device="cuda", dtype=torch.bfloat16)
+    ref = lin(x).float()
+    speedups.quantize_linear_fp8(lin)
+    out = lin(x).float()
+    assert out.shape == (3, 7, 512) and lin.weight.numel() == 0
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    lin.lora_A_weights = [torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)]
+    lin.lora_B_weights = [torch.randn(512, 4, device="cuda", dtype=torch.bfloat16)]
+    lin.lora_merger = None
+    lin.lora_forward = types.MethodType(LoRAHotLoadMixin.lora_forward, lin)
+    delta = (x @ lin.lora_A_weights[0].T @ lin.lora_B_weights[0].T).float()
+    torch.testing.assert_close(lin(x).float() - out, delta, rtol=0.02, atol=0.05)
