@@ -106,6 +106,57 @@ def test_garbage_input_returns_an_error_and_the_server_keeps_serving(live):
     _assert_error(live, "no image", image=None)
 
 
+def test_fast_client_recipe(live):
+    """The documented client with one TLS context (diffsynth_edit.app.client.connect) calls /edit the same way."""
+    import ssl
+
+    from gradio_client import handle_file
+
+    from diffsynth_edit.app.client import connect
+
+    client = connect(live["url"])
+    assert isinstance(client.ssl_verify, ssl.SSLContext) and client.ssl_verify.verify_mode == ssl.CERT_REQUIRED
+    f = live["files"]
+    image, sub, settings = client.predict(image=handle_file(str(f / "image.png")), mask=handle_file(str(f / "mask.png")),
+                                          prompt="x", steps=1, cfg=1.0, seed=3, api_name="/edit")
+    assert Image.open(image).size == (128, 96) and sub is None and settings["seed"] == 3
+    assert Image.open(image).format == "PNG"
+    client.close()
+
+
+def _raw_join(url: str, data: list) -> dict:
+    """Join /edit's queue with a hand-made payload (what gradio_client cannot send) and return the final message."""
+    import json
+    import uuid
+
+    import httpx
+
+    config = httpx.get(url + "config").json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "edit")
+    session = uuid.uuid4().hex
+    r = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                                        "event_data": None, "trigger_id": None})
+    if r.status_code != 200:
+        return {"msg": "rejected", "status": r.status_code, "text": r.text}
+    with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("no process_completed message")
+
+
+def test_files_outside_the_upload_folder_are_refused(live):
+    """/edit skips gradio's per-component preprocessing (the service validates every input), but gradio's own check
+    that an input file was uploaded to this server still runs: a path elsewhere on the server is refused."""
+    outside = str(live["files"] / "image.png")  # exists on the server's disk, but was never uploaded
+    payload = {"path": outside, "meta": {"_type": "gradio.FileData"}, "orig_name": "image.png"}
+    msg = _raw_join(live["url"], [payload, None, "x", None, "", 1.0, "flow", 1, 1.0, 0, 0.0])
+    assert msg.get("success") is False and "not uploaded" in msg["output"]["error"], msg
+    _assert_error(live, "no image", image=None)  # and the server keeps serving
+
+
 def test_checkpoint_listing_endpoint(live):
     listing = live["client"].predict(api_name="/checkpoints")
     assert [(c["run"], c["step"]) for c in listing] == [("run1", 10), ("run1", 20)]
