@@ -8,9 +8,14 @@
 
 The app is served live in this process (gradio in a thread on a free 127.0.0.1 port, the same EditService and
 Blocks as `app_gradio.py`) and called through `gradio_client` (`/edit`): upload of image + mask, queue, validation,
-the edit, PNG encoding of the outputs and their download by the client. The bare call is `Editor.edit` on in-memory
-PIL images, same pipeline, same settings, same seed. Runs alternate (bare, app, bare, app, ...) after one warm-up
-each; the medians are reported, with the overhead (app − bare) absolute and relative.
+the edit, PNG encoding of the outputs and their download by the client. The client runs in a separate process, like
+an API user (`--client thread` runs it in this process, as before 2026-11-27: its threads then share the server's
+GIL). Two clients are timed: gradio_client as constructed by default ("default", which builds a new TLS context for
+every request) and with one TLS context (`ssl_verify=httpx.create_ssl_context()`, "tls-once", the documented way).
+The bare call is `Editor.edit` on in-memory PIL images, same pipeline, same settings, same seed. Runs alternate
+(bare, app default, app tls-once, bare, app tls-once, app default, ...) after one warm-up each; the medians are
+reported (and means: gradio_client polls for the result every 50 ms, so single calls are quantised), with the
+overhead (app − bare) absolute and relative.
 
 --gpu builds the full-size QwenImageDiT (60 blocks, 20.4 B parameters) under torch.device("meta"), materialises it
 with `to_empty(device="cuda")` in bf16 and fills it with small random normals. The text encoder is a Qwen2.5-VL with
@@ -149,7 +154,96 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLIENTS = ("default", "tls-once")
+
+
+def client_worker(argv) -> int:
+    """`bench_app.py --client-worker URL IMAGE MASK W H JSON`: a separate process, like an API user. It builds one
+    gradio_client per kind (CLIENTS), warms each up, then for every line it reads on stdin (a client kind) makes one
+    `/edit` call and prints {"s": click-to-image seconds, "server_s": service.generate's seconds} as a JSON line."""
+    url, image_path, mask_path, w, h, call = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4]), json.loads(argv[5])
+    import httpx
+    from gradio_client import Client, handle_file
+
+    clients = {"default": Client(url, verbose=False),
+               "tls-once": Client(url, verbose=False, ssl_verify=httpx.create_ssl_context())}
+
+    def one(client) -> dict:
+        t = time.perf_counter()
+        out, _, info = client.predict(handle_file(image_path), handle_file(mask_path), call["prompt"], None, "", 1.0,
+                                      call["sampler"], call["steps"], call["cfg"], 7, 0.0, api_name="/edit")
+        elapsed = time.perf_counter() - t
+        assert Image.open(out).size == (w, h), out
+        return {"s": elapsed, "server_s": info["seconds"]}
+
+    for c in clients.values():
+        one(c)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        kind = line.strip()
+        if not kind:
+            continue
+        print(json.dumps(one(clients[kind])), flush=True)
+    return 0
+
+
+class ClientProcess:
+    """Drives `client_worker` in a subprocess (its own interpreter: no GIL or thread shared with the server)."""
+
+    def __init__(self, url: str, image_path: Path, mask_path: Path, w: int, h: int, call: dict):
+        env = dict(os.environ, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--client-worker", url,
+                                      str(image_path), str(mask_path), str(w), str(h), json.dumps(call)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"client worker failed to start: {line!r}")
+
+    def call(self, kind: str) -> dict:
+        self.proc.stdin.write(kind + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("client worker died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+class ClientThread:
+    """The same calls from this process (`--client thread`: the client's threads share the server's GIL)."""
+
+    def __init__(self, url: str, image_path: Path, mask_path: Path, w: int, h: int, call: dict):
+        import httpx
+        from gradio_client import Client, handle_file
+
+        self.handle_file, self.w, self.h, self.call_args = handle_file, w, h, call
+        self.paths = (str(image_path), str(mask_path))
+        self.clients = {"default": Client(url, verbose=False),
+                        "tls-once": Client(url, verbose=False, ssl_verify=httpx.create_ssl_context())}
+        for kind in self.clients:
+            self.call(kind)
+
+    def call(self, kind: str) -> dict:
+        c = self.call_args
+        t = time.perf_counter()
+        out, _, info = self.clients[kind].predict(
+            self.handle_file(self.paths[0]), self.handle_file(self.paths[1]), c["prompt"], None, "", 1.0,
+            c["sampler"], c["steps"], c["cfg"], 7, 0.0, api_name="/edit")
+        elapsed = time.perf_counter() - t
+        assert Image.open(out).size == (self.w, self.h), out
+        return {"s": elapsed, "server_s": info["seconds"]}
+
+    def close(self) -> None:
+        pass
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--client-worker"]:
+        return client_worker(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true", help="full-size random DiT on CUDA (see the module docstring)")
     ap.add_argument("--runs", type=int, default=5)
@@ -164,6 +258,10 @@ def main(argv=None) -> int:
     ap.add_argument("--null-edit", action="store_true",
                     help="replace the edit by an instant stub: measures the app's fixed overhead at this size alone")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--client", default="process", choices=["process", "thread"],
+                    help="where the gradio_client runs: a separate process like an API user (default), or a thread of "
+                         "this process (the client then shares the server's GIL and CPU: the measurement before "
+                         "2026-11-27)")
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -175,8 +273,6 @@ def main(argv=None) -> int:
     w, h = map(int, (args.size or ("1024x1024" if args.gpu else "256x256")).lower().split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="bench_app_"))
     args.tiny_root = args.tiny_root or str(tmp / "tiny")
-
-    from gradio_client import Client, handle_file
 
     from diffsynth_edit.app.service import EditService
     from diffsynth_edit.app.testing import free_port, wait_for_http
@@ -203,7 +299,6 @@ def main(argv=None) -> int:
     launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}/"
     wait_for_http(url + "config", timeout=120)
-    client = Client(url, verbose=False)
     image_path, mask_path = make_inputs(tmp, w, h)
     image, mask = Image.open(image_path).convert("RGB"), Image.open(mask_path)
     prompt = "replace the box with a red teapot"
@@ -218,46 +313,50 @@ def main(argv=None) -> int:
         assert res.image.size == (w, h)
         return time.perf_counter() - t
 
-    server_times = []
-
-    def app() -> float:
-        t = time.perf_counter()
-        out, _, info = client.predict(handle_file(str(image_path)), handle_file(str(mask_path)), prompt, None, "",
-                                      1.0, args.sampler, args.steps, args.cfg, 7, 0.0, api_name="/edit")
-        elapsed = time.perf_counter() - t
-        assert Image.open(out).size == (w, h), out
-        server_times.append(info["seconds"])
-        return elapsed
-
     print(f"[bench] {note}; {device} {str(dtype).replace('torch.', '')}; {w}x{h}, {args.sampler} {args.steps} steps, "
-          f"cfg {args.cfg}; warm-up ...", flush=True)
+          f"cfg {args.cfg}; client in a {args.client}; warm-up ...", flush=True)
     bare()
-    app()
-    server_times.clear()
+    call = dict(prompt=prompt, sampler=args.sampler, steps=args.steps, cfg=args.cfg)
+    client = (ClientProcess if args.client == "process" else ClientThread)(url, image_path, mask_path, w, h, call)
     load0 = os.getloadavg()[0]
-    bare_t, app_t = [], []
+    bare_t = []
+    app_t = {k: [] for k in CLIENTS}
+    server_t = {k: [] for k in CLIENTS}
     for i in range(args.runs):
         bare_t.append(bare())
-        app_t.append(app())
-        print(f"[bench] run {i + 1}: bare {bare_t[-1]:.3f} s, app {app_t[-1]:.3f} s", flush=True)
+        for k in (CLIENTS if i % 2 == 0 else CLIENTS[::-1]):  # alternate the order of the two clients too
+            r = client.call(k)
+            app_t[k].append(r["s"])
+            server_t[k].append(r["server_s"])
+        print(f"[bench] run {i + 1}: bare {bare_t[-1]:.3f} s, "
+              + ", ".join(f"app ({k} client) {app_t[k][-1]:.3f} s" for k in CLIENTS), flush=True)
+    client.close()
     demo.close()
-    mb, ma = statistics.median(bare_t), statistics.median(app_t)
+    mb = statistics.median(bare_t)
     result = {
         "mode": "gpu" if args.gpu else "cpu",
         "model": note,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores: "
                                                                                     f"{cpu_model()})",
         "torch_threads": torch.get_num_threads(),
+        "client": args.client,
         "load_average_1m_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "dtype": str(dtype).replace("torch.", ""),
         "size": [w, h], "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "runs": args.runs,
-        "bare_median_s": round(mb, 4), "app_median_s": round(ma, 4),
-        "app_server_side_median_s": round(statistics.median(server_times), 4),
-        "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1) if mb > 0.05 else None,
-        "bare_s": [round(x, 4) for x in bare_t], "app_s": [round(x, 4) for x in app_t],
+        "bare_median_s": round(mb, 4), "bare_s": [round(x, 4) for x in bare_t],
+        "app": {},
         "versions": {"torch": torch.__version__, "gradio": __import__("gradio").__version__,
+                     "gradio_client": __import__("gradio_client").__version__,
                      "python": platform.python_version()},
     }
+    for k in CLIENTS:
+        ma = statistics.median(app_t[k])
+        result["app"][k] = {
+            "median_s": round(ma, 4), "mean_s": round(statistics.fmean(app_t[k]), 4),
+            "server_side_median_s": round(statistics.median(server_t[k]), 4),
+            "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1) if mb > 0.05 else None,
+            "runs_s": [round(x, 4) for x in app_t[k]],
+        }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -201,3 +201,30 @@ def test_generate_events_share_one_slot():
     gpu = [f for f in fns if getattr(f, "concurrency_id", None) == GPU_GROUP]
     assert len(gpu) == 2 and all(f.concurrency_limit == 1 and f.queue for f in gpu)
     assert {f.api_name for f in gpu} >= {"edit"}
+
+
+def test_queue_polls_every_5_ms_and_edit_skips_component_preprocessing():
+    """launch() slows gradio's idle queue poll from 1 ms to QUEUE_POLL_S (fewer GIL hand-offs during an edit); /edit
+    takes its inputs as gradio serialised them (file dicts, numbers), the service validating each one."""
+    from diffsynth_edit.app.testing import free_port
+    from diffsynth_edit.app.ui import QUEUE_POLL_S, build_ui, launch
+
+    class _Stub:
+        max_steps = 100
+        loaded = None
+        startup_notices = []
+
+        @staticmethod
+        def checkpoint_choices():
+            return [("(none: base model)", "")]
+
+    demo = build_ui(_Stub())
+    launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        assert demo._queue.sleep_when_free == QUEUE_POLL_S == 0.005
+        fns = list(demo.fns.values()) if isinstance(demo.fns, dict) else list(demo.fns)
+        edit = next(f for f in fns if f.api_name == "edit")
+        assert edit.preprocess is False and edit.postprocess is True and edit.queue
+    finally:
+        demo.close()
+
