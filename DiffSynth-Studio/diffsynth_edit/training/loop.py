@@ -54,13 +54,27 @@ def deepspeed_config_problems(ds: dict, optimizer: str) -> list[str]:
     return problems
 
 
+def stored_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype `p` has when a forward uses it. Under ZeRO-3 `p.data` is an empty placeholder whose dtype can differ
+    from the partition's (`ds_tensor`), and a gathered parameter takes the partition's dtype."""
+    ds_tensor = getattr(p, "ds_tensor", None)
+    return ds_tensor.dtype if ds_tensor is not None else p.dtype
+
+
+def frozen_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of `module`'s (first) frozen weight as its forward sees it."""
+    return stored_dtype(next(p for p in module.parameters() if not p.requires_grad))
+
+
 class EditTrainModel(nn.Module):
     """DiT (+ LoRA) and STE behind one forward that returns the loss, so DDP/DeepSpeed wrap one module."""
 
     def __init__(self, dit: nn.Module, ste: STE | None, cfg: TrainConfig, zero_cond_t: bool, vae=None):
         super().__init__()
         self.dit, self.ste, self.cfg, self.zero_cond_t = dit, ste, cfg, zero_cond_t
-        self.base_dtype = next(p for p in dit.parameters() if not p.requires_grad).dtype  # the frozen DiT's
+        # The frozen DiT's dtype: its inputs are cast to it here, at the one boundary between the fp32 cache/noise
+        # and the DiT (ZeRO-3's linear, like F.linear, needs input and weight of one dtype).
+        self.base_dtype = frozen_dtype(dit)
         self.pixel_loss = PixelLoss(vae, cfg) if cfg.objective == "lbm" and cfg.pixel_loss_weight > 0 else None
 
     def forward(self, batch: dict, noised) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -174,6 +188,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.main = self.accelerator.is_main_process
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        self.zero_stage = 0  # ZeRO stage under DeepSpeed (0 also without DeepSpeed)
         self.zero3 = False
         if self.deepspeed:
             self._check_deepspeed()
@@ -200,6 +215,7 @@ class Trainer:
         if self.cfg.optimizer == "prodigy" and stage >= 1:
             self._print("[train] note: under ZeRO each rank estimates Prodigy's step size d from its own shard "
                         "(no all-reduce) and factored second moments are disabled; DDP is the exact mode")
+        self.zero_stage = stage
         self.zero3 = stage == 3
         if self.cfg.optimizer == "prodigy" and self.zero3:
             self._print("[train] ZeRO-3: ProdigyPlusScheduleFree runs with use_schedulefree=False. Under ZeRO-3 its "
@@ -209,13 +225,20 @@ class Trainer:
     # ---- building ---------------------------------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.cfg
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # The frozen DiT is bf16 on CUDA, and under ZeRO-3 on any device: there accelerate registers the DeepSpeed
+        # config with transformers (whatever zero3_init_flag says), so diffsynth's loader builds the DiT inside
+        # deepspeed.zero.Init(dtype=...), which partitions it as it is built. zero.Init ignores a requested fp32 on an
+        # accelerator without fp16 (DeepSpeed's CPU accelerator: `dtype or fp16 if fp16_supported else bf16`) and
+        # stores the partitions in bf16 while the placeholders report fp32; asking for bf16 keeps them consistent.
+        dtype = torch.bfloat16 if self.device.type == "cuda" or self.zero3 else torch.float32
         sources = ModelSources(variant=self.variant.name, model_root=cfg.model_root, dit_path=cfg.dit_path,
                                vae_path=cfg.vae_path, allow_download=cfg.allow_download)
         need_vae = bool(cfg.validate_every) or cfg.pixel_loss_weight > 0
         components = ("dit", "vae") if need_vae else ("dit",)
         self.pipe = load_pipeline(sources, components=components, device=str(self.device), torch_dtype=dtype)
         dit = self.pipe.dit
+        if frozen_dtype(dit) != dtype:
+            raise TrainingError(f"the DiT was loaded as {frozen_dtype(dit)}, not the requested {dtype}")
         targets = cfg.lora_targets or list(self.variant.lora_targets)
         alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
         tdtype = torch.float32 if cfg.trainable_dtype == "fp32" else torch.bfloat16
@@ -309,25 +332,45 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def _zero_optimizer(self):
+        """DeepSpeed's ZeRO optimizer (it owns the fp32 master partitions and drives the client optimizer)."""
+        return self.model.optimizer
+
+    def _zero_state_file(self, state_dir: Path) -> Path:
+        return state_dir / f"zero-rank{self.accelerator.process_index:05d}.pt"
+
     def save_resume_state(self) -> None:
-        """Train-view weights, optimizer, scheduler, step, data position and RNG, in state/ (atomic swap)."""
+        """Train-view weights, optimizer, scheduler, step, data position and RNG, in state/ (atomic swap).
+
+        Under DeepSpeed ZeRO every rank also writes its ZeRO optimizer state (fp32 master partition and the client
+        optimizer's state of that partition) to `zero-rankNNNNN.pt`: the client optimizer sees only flat partitions,
+        so its state is per rank, and the masters must come back with it (the state dir must be on a filesystem all
+        ranks share)."""
         lora, ste = self.trainable_state()
+        final = self.run_dir / "state"
+        tmp = self.run_dir / f".state-{self.step}.tmp"
+        if self.zero_stage >= 1:
+            if self.main:
+                tmp.mkdir(parents=True, exist_ok=True)
+            self.accelerator.wait_for_everyone()
+            torch.save(self._zero_optimizer().state_dict(), self._zero_state_file(tmp))
+            self.accelerator.wait_for_everyone()
         if not self.main:
             self.accelerator.wait_for_everyone()
             return
         from safetensors.torch import save_file
 
-        final = self.run_dir / "state"
-        tmp = self.run_dir / f".state-{self.step}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous() for k, v in lora.items()}
         tensors.update({"ste." + k: v.cpu().contiguous() for k, v in ste.items()})
         save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": _base_optimizer(self.optimizer).state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        blob = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.zero_stage == 0:
+            blob["optimizer"] = _base_optimizer(self.optimizer).state_dict()
+        torch.save(blob, tmp / "optimizer.pt")
         atomic_write_json(tmp / "trainer.json", {"step": self.step, "data": self.stream.state_dict(),
-                                                 "config": config_to_dict(self.cfg)})
+                                                 "config": config_to_dict(self.cfg),
+                                                 "deepspeed": self._deepspeed_layout()})
         old = self.run_dir / f".state-old-{self.step}"
         if final.exists():
             final.rename(old)
@@ -338,6 +381,11 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
+    def _deepspeed_layout(self) -> dict | None:
+        if not self.deepspeed:
+            return None
+        return {"stage": self.zero_stage, "world_size": self.accelerator.num_processes}
+
     def load_resume_state(self) -> bool:
         state = self.run_dir / "state"
         if not (state / "trainer.json").is_file():
@@ -345,21 +393,44 @@ class Trainer:
         from safetensors.torch import load_file
 
         info = json.loads((state / "trainer.json").read_text())
+        saved_layout, layout = info.get("deepspeed"), self._deepspeed_layout()
+        if saved_layout != layout:
+            raise TrainingError(f"resume state {state} was written under DeepSpeed {saved_layout or 'off'}, this run "
+                                f"is {layout or 'without DeepSpeed'}; the optimizer state is partitioned per rank, so "
+                                f"resume with the same mode and number of processes (or warm-start with --init-from)")
         tensors = load_file(str(state / "trainable.safetensors"))
         m = self.unwrapped()
         own = dict(m.dit.named_parameters())
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if k.startswith("ste."):
-                    continue
-                if k not in own or own[k].shape != v.shape:
-                    raise TrainingError(f"resume state {state} does not fit this run's LoRA ({k}); "
-                                        f"use a new run name or the same rank/targets")
-                own[k].copy_(v)
-            if m.ste is not None:
-                m.ste.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ste.")}, strict=True)
+        for k, v in tensors.items():
+            if not k.startswith("ste.") and (k not in own or tuple(getattr(own[k], "ds_shape", own[k].shape))
+                                             != tuple(v.shape)):
+                raise TrainingError(f"resume state {state} does not fit this run's LoRA ({k}); "
+                                    f"use a new run name or the same rank/targets")
+        if not self.zero3:
+            # ZeRO-3's parameters are partitioned; its weights come back with the fp32 masters below.
+            with torch.no_grad():
+                for k, v in tensors.items():
+                    if not k.startswith("ste."):
+                        own[k].copy_(v)
+                if m.ste is not None:
+                    m.ste.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ste.")},
+                                          strict=True)
         blob = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=False)
-        _base_optimizer(self.optimizer).load_state_dict(blob["optimizer"])
+        if self.zero_stage >= 1:
+            # The ZeRO optimizer restores this rank's fp32 master partition (ZeRO-3: and the module's partitions from
+            # it) and the client optimizer's state; ZeRO-1/2 then refresh the module weights from the masters.
+            zero_file = self._zero_state_file(state)
+            if not zero_file.is_file():
+                raise TrainingError(f"resume state {state} has no {zero_file.name}; it was not written by this "
+                                    f"DeepSpeed layout")
+            states = [None] * self.accelerator.num_processes
+            states[self.accelerator.process_index] = torch.load(zero_file, map_location="cpu", weights_only=False)
+            zero_opt = self._zero_optimizer()
+            zero_opt.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+            if hasattr(zero_opt, "update_lp_params"):
+                zero_opt.update_lp_params()
+        else:
+            _base_optimizer(self.optimizer).load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         self.step = int(info["step"])
@@ -465,19 +536,34 @@ class Trainer:
         return [p for p in self.unwrapped().parameters() if p.requires_grad]
 
     def _grad_norm(self) -> float:
+        if self.deepspeed:
+            # DeepSpeed keeps the gradients in its own (partitioned) buffers, p.grad stays None; the engine has
+            # already stepped inside accelerator.backward at the accumulation boundary and kept the norm.
+            norm = self.model.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
         grads = [p.grad.detach().float().norm() for p in self._params() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
     def run_validation(self, logger: RunLogger) -> Path | None:
         from .validation import validate
 
-        if not self.main:
-            self.accelerator.wait_for_everyone()
-            return None
         m = self.unwrapped()
-        out = validate(self.pipe, m.dit, m.ste if self.cfg.mode == "bridge" else None, self.cfg,
-                       self.variant.name, self.run_dir / "samples" / f"step-{self.step:06d}.png")
-        logger.log_image(self.step, "validation", out)
+        ste = m.ste if self.cfg.mode == "bridge" else None
+        path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
+        out = None
+        if self.zero3:
+            # ZeRO-3: the DiT and STE partitions are all-gathered module by module inside each forward (a collective),
+            # so every rank samples the same edits and only the main process writes them. The VAE, built partitioned
+            # by zero.Init and outside the engine's hooks unless the pixel loss uses it, is gathered whole.
+            import deepspeed
+
+            vae_params = list(self.pipe.vae.parameters()) if self.pipe.vae is not None else []
+            with deepspeed.zero.GatheredParameters(vae_params, modifier_rank=None):
+                out = validate(self.pipe, m.dit, ste, self.cfg, self.variant.name, path if self.main else None)
+        elif self.main:
+            out = validate(self.pipe, m.dit, ste, self.cfg, self.variant.name, path)
+        if self.main:
+            logger.log_image(self.step, "validation", out)
         self.accelerator.wait_for_everyone()
         return out
 

@@ -31,10 +31,27 @@ def lora_state_dict(dit: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in dit.named_parameters() if "lora_" in name}
 
 
+class _FullShapes:
+    """A DiT built partitioned by DeepSpeed ZeRO-3's zero.Init, as the checkpoint checks see modules: each partitioned
+    weight replaced by a meta tensor of its full shape (`ds_shape`; the real one reads as torch.Size([0]))."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def named_modules(self):
+        from types import SimpleNamespace
+
+        for name, mod in self.module.named_modules():
+            shape = getattr(getattr(mod, "weight", None), "ds_shape", None)
+            yield name, (mod if shape is None else SimpleNamespace(weight=torch.empty(shape, device="meta")))
+
+
 def load_into_training(ckpt: Checkpoint, dit: torch.nn.Module, ste: torch.nn.Module | None, rank: int,
                        alpha: float, variant: str) -> dict[str, int]:
-    """Warm start: copy LoRA (re-scaled to this run's alpha/rank) and STE weights; every key must fit."""
-    check_against_model(ckpt, dit, ste, variant)
+    """Warm start: copy LoRA (re-scaled to this run's alpha/rank) and STE weights; every key must fit. Runs before
+    accelerate's prepare, so the LoRA and STE tensors are whole even when the DiT was built partitioned (ZeRO-3)."""
+    partitioned = any(hasattr(p, "ds_shape") for p in dit.parameters())
+    check_against_model(ckpt, _FullShapes(dit) if partitioned else dit, ste, variant)
     own = dict(dit.named_parameters())
     scale = alpha / rank
     copied = 0

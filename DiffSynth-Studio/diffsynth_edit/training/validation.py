@@ -31,8 +31,9 @@ def prepared_from_cache(pipe, s: CachedSample) -> PreparedEdit:
 
 
 @torch.no_grad()
-def validate(pipe, dit, ste, cfg: TrainConfig, variant: str, out: Path) -> Path:
-    """Grid rows: source | target | output | sub output. The caller switched the model to its eval view."""
+def validate(pipe, dit, ste, cfg: TrainConfig, variant: str, out: Path | None) -> Path | None:
+    """Grid rows: source | target | output | sub output, written to `out` (None: sample only, as the other ranks do
+    under ZeRO-3). The caller switched the model to its eval view."""
     index = open_cache(cfg.val_cache_dir)
     editor = Editor(pipe, variant=variant, ste=ste, mode="bridge" if ste is not None else "plain")
     settings = (EditSettings(sampler="lbm", steps=min(4, cfg.val_steps), cfg_scale=1.0) if cfg.objective == "lbm"
@@ -45,6 +46,8 @@ def validate(pipe, dit, ste, cfg: TrainConfig, variant: str, out: Path) -> Path:
         target = vae_decode(pipe, s.input_latents[None].to(pipe.device, pipe.torch_dtype))[0]
         rows.append([prep.source, target, vae_decode(pipe, x)[0],
                      vae_decode(pipe, x_sub)[0] if x_sub is not None else None])
+    if out is None:
+        return None
     grid = make_grid(rows, labels=["source", "target", "output", "sub"])
     with atomic_path(out) as tmp:
         grid.save(tmp, format="PNG")
