@@ -69,3 +69,25 @@ def test_vae_encode_uint8_equals_vae_encode(tiny_pipe):
     want = torch.cat(vae_encode(tiny_pipe, images))
     got = vae_encode_uint8(tiny_pipe, [image_to_uint8(im) for im in images])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_encode_prompt_pairs_batches_samples_with_their_own_images(tiny_pipe):
+    """Several samples (different prompts, image counts and sizes) in one call equal each sample's separate
+    `encode_prompt` calls; each sample's images land in its own rows."""
+    from diffsynth_edit.encoding import encode_prompt, encode_prompt_pairs, prompt_inputs
+
+    images = _images(3)
+    samples = [(PROMPTS[0], images[:1]), ("turn the sky green " * 4, images[1:3]), ("x", images[2:3])]
+    pairs = encode_prompt_pairs(tiny_pipe, [prompt_inputs(tiny_pipe, [p, ""], ims) for p, ims in samples])
+    assert len(pairs) == len(samples)
+    for (prompt, ims), pair in zip(samples, pairs):
+        emb, mask = encode_prompt(tiny_pipe, prompt, ims)
+        nemb, nmask = encode_prompt(tiny_pipe, "", ims)
+        assert pair.emb.shape == emb.shape and torch.equal(pair.mask, mask)
+        torch.testing.assert_close(pair.emb, emb, atol=1e-5, rtol=1e-5)
+        assert pair.nega_prefix > 0 and pair.nega_tail.shape[1] < 32
+        assert pair.nega_emb.shape == nemb.shape and torch.equal(pair.nega_mask, nmask)
+        torch.testing.assert_close(pair.nega_emb, nemb, atol=1e-5, rtol=1e-5)
+    # the first sample alone gives the same result: batching does not leak other samples' images into its rows
+    alone = encode_prompt_pairs(tiny_pipe, [prompt_inputs(tiny_pipe, [samples[0][0], ""], samples[0][1])])[0]
+    torch.testing.assert_close(alone.emb, pairs[0].emb, atol=1e-5, rtol=1e-5)

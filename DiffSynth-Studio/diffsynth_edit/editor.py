@@ -209,6 +209,8 @@ class Editor:
             ste = self.ste_template()
             ste.load_state_dict(ckpt.ste, strict=True)
             self.ste = ste.to(device=self.pipe.device, dtype=torch.float32).eval().requires_grad_(False)
+            if self.compiled:
+                self._compile_ste()
         self.checkpoint = ckpt
         return ckpt
 
@@ -273,7 +275,13 @@ class Editor:
         if compile_blocks and not self.compiled:
             for block in self.pipe.dit.transformer_blocks:
                 block.compile()
+            self._compile_ste()
             self.compiled = True
+
+    def _compile_ste(self) -> None:
+        if self.ste is not None:
+            for block in self.ste.ste_blocks:
+                block.compile()
 
     # ---- sampling ----------------------------------------------------------------------------------------------
     def predict(self, prep: PreparedEdit, x: torch.Tensor, x_sub: torch.Tensor | None, timestep: float,

@@ -258,6 +258,53 @@ def encode_prompt_pair(pipe, prompt: str, images: Sequence[Image.Image], negativ
     return PromptPair(emb, mask, max(0, prefix - DROP_IDX), tail)
 
 
+@torch.no_grad()
+def encode_prompt_pairs(pipe, inputs: Sequence[tuple]) -> list[PromptPair]:
+    """`encode_prompt_pair` for several samples in ONE text-encoder call (the cache's batches): `inputs[i]` is
+    `prompt_inputs(pipe, [prompt_i, negative_i], images_i)`. Rows `[pos_1, neg_1, pos_2, neg_2, ...]`, right-padded
+    (see `encode_prompts`), the vision tower run once over every sample's images, each sample's output scattered
+    into its two rows. The negative is run in full here and stored, as by `encode_prompt_pair`, as the prompt's
+    shared prefix + its own tail rows. At batch 1 the text encoder is bound by kernel launches, not by the GPU."""
+    if pipe.text_encoder is None or pipe.processor is None:
+        raise RuntimeError("prompt encoding needs the text encoder and the processor loaded")
+    te, dev = pipe.text_encoder, pipe.device
+    model = getattr(te, "model", None)
+    with_images = [x for x in inputs if x[1] is not None]
+    if not hasattr(model, "get_image_features") or 0 < len(with_images) < len(inputs):
+        return [encode_prompt_pair(pipe, "", [], inputs=x) for x in inputs]  # mixed or unknown layouts: one by one
+    ids = [t for x in inputs for t in x[0][:2]]
+    pad_id = pipe.processor.tokenizer.pad_token_id or 0
+    length = max(len(t) for t in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, t in enumerate(ids):
+        input_ids[i, :len(t)] = t
+        attn[i, :len(t)] = 1
+    input_ids, attn = input_ids.to(dev, non_blocking=True), attn.to(dev, non_blocking=True)
+    kw: dict = {}
+    if with_images:
+        pv = torch.cat([x[1] for x in inputs]).to(dev, non_blocking=True)
+        grid = torch.cat([x[2] for x in inputs]).to(dev, non_blocking=True)
+        feats = _image_embeds(model, pv, grid)
+        merge = getattr(pipe.processor.image_processor, "merge_size", 2) ** 2
+        counts = [int(x[2].prod(dim=1).sum()) // merge for x in inputs]
+        per_sample = feats.split(counts)
+        rows = torch.cat([f for f in per_sample for _ in range(2)])  # each sample's images for its two rows
+        embeds = model.get_input_embeddings()(input_ids)
+        mask = (input_ids == te.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        kw["inputs_embeds"] = embeds.masked_scatter(mask, rows.to(embeds.dtype))
+    hidden = te(input_ids=input_ids, attention_mask=attn, output_hidden_states=True, **kw)[-1]
+    out = []
+    for n, x in enumerate(inputs):
+        pos, neg = x[0][0], x[0][1]
+        emb = hidden[2 * n:2 * n + 1, DROP_IDX:len(pos)].to(dtype=pipe.torch_dtype)
+        nega_prefix = max(0, common_prefix_len(pos, neg) - DROP_IDX)
+        tail = hidden[2 * n + 1:2 * n + 2, DROP_IDX + nega_prefix:len(neg)].to(dtype=pipe.torch_dtype)
+        out.append(PromptPair(emb, torch.ones(1, emb.shape[1], dtype=torch.long, device=emb.device), nega_prefix,
+                              tail))
+    return out
+
+
 def image_to_uint8(image: Image.Image, pin: bool = False) -> torch.Tensor:
     """[3, H, W] uint8 (a quarter of the float tensor's bytes to copy to the device); `pin`: page-locked."""
     t = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()

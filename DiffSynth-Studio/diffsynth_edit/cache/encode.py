@@ -2,7 +2,7 @@
 
 Only the text encoder and the VAE are loaded (never the DiT). Images are prepared exactly like the editor prepares
 an edit (`editor.to_rgb`, `editor.fit_image`, `editor.prepare_mask`, `geometry.mask_bbox`) and encoded by the
-same arithmetic (`encoding.vae_encode_uint8` = `encoding.vae_encode`, `encoding.encode_prompt_pair` = two
+same arithmetic (`encoding.vae_encode_uint8` = `encoding.vae_encode`, `encoding.encode_prompt_pairs` = two per sample
 `encoding.encode_prompt` calls, `encoding.white_latents`; all tested equal), so a cache entry equals what
 `Editor.prepare` computes for the same sample.
 
@@ -427,8 +427,9 @@ class SampleEncoder:
     def encode(self, samples: list[_Prepared]) -> list[dict[str, torch.Tensor]]:
         """Tensors of each sample. VAE: every image of every sample in `samples`, grouped by size, `batch_size`
         images per call (`encoding.vae_encode_uint8` = `encoding.vae_encode` on uint8 input). Prompt and empty
-        negative: `encoding.encode_prompt_pair` (one text-encoder pass; the negative stored as prefix length + tail)."""
-        from ..encoding import encode_prompt_pair, image_to_uint8, vae_encode_uint8
+        negative: `encoding.encode_prompt_pairs` (one text-encoder call for all samples; the negative stored as prefix
+        length + tail)."""
+        from ..encoding import encode_prompt_pairs, image_to_uint8, prompt_inputs, vae_encode_uint8
 
         out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
         jobs: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
@@ -447,8 +448,9 @@ class SampleEncoder:
         # one device->host copy per tensor after all VAE calls were queued (no sync between VAE calls)
         for n, key, lat in lats:
             out[n][key] = self._store(lat)
-        for n, s in enumerate(samples):
-            pair = encode_prompt_pair(self.pipe, s.item.prompt, [s.source, *s.refs], "", inputs=s.prompt_inputs)
+        pairs = encode_prompt_pairs(self.pipe, [
+            s.prompt_inputs or prompt_inputs(self.pipe, [s.item.prompt, ""], [s.source, *s.refs]) for s in samples])
+        for n, (s, pair) in enumerate(zip(samples, pairs)):
             emb, mask = pair.emb, pair.mask
             w, h = s.source.size
             if s.mask is None:
