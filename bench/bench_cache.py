@@ -219,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="auto", choices=("auto", "process", "thread"),
                     help="run_cache image preparation: worker processes or threads (auto: processes on CUDA)")
     ap.add_argument("--num-workers", type=int, default=4)
+    ap.add_argument("--batch-sizes", default="4", help="run_cache batch sizes to time, comma-separated (e.g. 4,8,16)")
     ap.add_argument("--no-fsync", action="store_true", help="run_cache without fsync per file")
     ap.add_argument("--skip-upstream", action="store_true", help="only the workspace paths")
     ap.add_argument("--profile", action="store_true", help="kernel/op table of one SampleEncoder.encode of 4 samples")
@@ -309,18 +310,20 @@ def main(argv=None) -> int:
                         + "\n" + avg.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
                         + "\n```")
 
-    # workspace run_cache end to end (fresh folder; the models are warm)
-    cfg_e2e = CacheConfig(dataset=dataset, cache_dir=work / "cache_e2e", dtype=dtype_name, max_pixels=max_pixels,
-                          batch_size=4, num_workers=args.num_workers, workers=args.workers,
-                          fsync=not args.no_fsync, progress=False)
-    cfg_e2e.validate()
-    # warm-up run on the first sample only: starts the worker processes (kept for the timed run; a real run pays
-    # their start, a few seconds, once)
-    warm = CacheConfig(**{**vars(cfg_e2e), "cache_dir": work / "cache_warm", "limit": 1})
-    run_cache(warm, pipe=pipe, log=lambda s: None)
-    summary = run_cache(cfg_e2e, pipe=pipe, log=lambda s: None)
-    e2e_rate = summary.encoded / summary.encode_seconds
-    e2e_bytes = summary.bytes_on_disk / max(1, summary.encoded)
+    # workspace run_cache end to end (fresh folder each; the models are warm)
+    e2e = []
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        cfg_e2e = CacheConfig(dataset=dataset, cache_dir=work / f"cache_e2e_{bs}", dtype=dtype_name,
+                              max_pixels=max_pixels, batch_size=bs, num_workers=args.num_workers,
+                              workers=args.workers, fsync=not args.no_fsync, progress=False)
+        cfg_e2e.validate()
+        # warm-up run on the first sample only: starts the worker processes (kept for the timed run; a real run
+        # pays their start, a few seconds, once)
+        warm = CacheConfig(**{**vars(cfg_e2e), "cache_dir": work / f"cache_warm_{bs}", "limit": 1})
+        run_cache(warm, pipe=pipe, log=lambda s: None)
+        summary = run_cache(cfg_e2e, pipe=pipe, log=lambda s: None)
+        e2e.append((cfg_e2e, summary, summary.encoded / summary.encode_seconds,
+                    summary.bytes_on_disk / max(1, summary.encoded)))
 
     med = statistics.median
     if args.skip_upstream:
@@ -331,7 +334,8 @@ def main(argv=None) -> int:
          1 / med(up_times), med(up_bytes)),
         ("workspace cache, sequential (hash + load + encode + atomic write)", med(ws_times), 1 / med(ws_times),
          med(ws_bytes)),
-        (f"workspace `run_cache` end to end ({cfg_e2e.workers} workers x{cfg_e2e.num_workers}, VAE batch 4)", 1 / e2e_rate, e2e_rate, e2e_bytes),
+        *[(f"workspace `run_cache` end to end ({c.workers} workers x{c.num_workers}, batch {c.batch_size})",
+           1 / rate, rate, nbytes) for c, _, rate, nbytes in e2e],
     ]
     lines = [
         f"### Cache phase-1 benchmark ({'tiny models' + (' (meta build)' if args.tiny_meta else '') if args.tiny else 'full-size TE 8.3 B + VAE, random weights'}, "
@@ -343,8 +347,9 @@ def main(argv=None) -> int:
         "",
         f"- upstream image loading (part of its time; its dataloader workers would hide it): median "
         f"{med(up_loads):.3f} s/sample",
-        "- workspace per sample: 1 text-encoder pass for the prompt + the empty prompt's tail tokens on its KV cache "
-        "(the shared prefix is stored once; vision attention one call per layer), VAE (single-frame convs as 2D) of target, source, "
+        "- workspace per sample: prompt and empty prompt as two rows of one text-encoder call per batch of samples "
+        "(`encode_prompt_pairs`; the shared prefix stored once; vision attention one call per layer), VAE "
+        "(single-frame convs as 2D) of target, source, "
         "reference and sub crop (white crop once per shape); cudnn.benchmark in run_cache only; "
         "upstream: 1 text-encoder pass (cfg_scale=1 reuses it), "
         "VAE of target, source and reference, plus pickled PIL images and the noise tensor.",
@@ -353,8 +358,9 @@ def main(argv=None) -> int:
         f"- model build {t_build:.1f} s (not timed above); warm-up sample excluded (run_cache: worker start "
         f"excluded by a 1-sample warm-up run; all N+1 samples timed); torch {torch.__version__}.",
     ]
+    cfg_e2e, summary = e2e[-1][0], e2e[-1][1]
     k = max(1, summary.encoded)
-    lines += ["", f"run_cache stages, s/sample over {summary.encoded} samples (`prep.*`: worker time, overlapped "
+    lines += ["", f"run_cache (batch {cfg_e2e.batch_size}) stages, s/sample over {summary.encoded} samples (`prep.*`: worker time, overlapped "
                   f"with the device loop; `wait for prepared`: the device loop idle, waiting for a sample):", "",
               "| stage | s/sample |", "| --- | ---: |",
               *[f"| {name} | {sec / k:.4f} |" for name, sec in summary.stages.items()]]
