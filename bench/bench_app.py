@@ -5,6 +5,7 @@
     python bench/bench_app.py --gpu                # GPU: full-size 2511 DiT (random bf16 weights), 1024x1024
     python bench/bench_app.py --gpu --sampler flow --steps 40
     python bench/bench_app.py --null-edit --size 1024x1024     # the app's fixed overhead alone (stub edit)
+    python bench/bench_app.py --encode-only --size 1024x1024   # the output PNG writer alone
 
 The app is served live in this process (gradio in a thread on a free 127.0.0.1 port, the same EditService and
 Blocks as `app_gradio.py`) and called through `gradio_client` (`/edit`): upload of image + mask, queue, validation,
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -240,6 +242,40 @@ class ClientThread:
         pass
 
 
+def encode_only(w: int, h: int, runs: int) -> dict:
+    """Output PNG writing alone: Pillow at compress_level 1 (the app before 2026-11-27) vs `app.png.encode_png`, on
+    the bench's smooth image, the same with ±6 of noise (photograph-like) and uniform noise (random-weight model)."""
+    import io
+
+    from diffsynth_edit.app.png import MAX_THREADS, encode_png
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_png_"))
+    smooth = Image.open(make_inputs(tmp, w, h)[0]).convert("RGB")
+    rng = np.random.default_rng(0)
+    images = {"smooth": smooth,
+              "photo": Image.fromarray((np.asarray(smooth, dtype=np.int16) + rng.integers(-6, 7, (h, w, 3)))
+                                       .clip(0, 255).astype(np.uint8)),
+              "noise": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))}
+
+    def pil(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+
+    out = {"size": [w, h], "runs": runs, "threads": MAX_THREADS, "load_average_1m": round(os.getloadavg()[0], 2)}
+    for name, im in images.items():
+        t = {"pillow_level1": [], "app_png": []}
+        size = {}
+        for _ in range(runs):  # alternating
+            for key, fn in (("pillow_level1", pil), ("app_png", encode_png)):
+                t0 = time.perf_counter()
+                data = fn(im)
+                t[key].append(time.perf_counter() - t0)
+                size[key] = len(data)
+        out[name] = {k: {"median_ms": round(1000 * statistics.median(v), 1), "bytes": size[k]} for k, v in t.items()}
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--client-worker"]:
@@ -257,6 +293,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-root", default=None, help="tiny model cache (default: a temporary folder)")
     ap.add_argument("--null-edit", action="store_true",
                     help="replace the edit by an instant stub: measures the app's fixed overhead at this size alone")
+    ap.add_argument("--null-jitter-ms", type=float, default=50.0,
+                    help="--null-edit: the stub sleeps a random 0..N ms (the same in a run's bare and app calls), so "
+                         "the result lands at a random phase of gradio_client's 50 ms result poll, as a real edit's "
+                         "does; the overhead is then read per run (app − bare), median and mean")
+    ap.add_argument("--null-output", default="input", choices=["input", "photo", "noise"],
+                    help="--null-edit: the stub returns the input, the input with ±6 of noise, or uniform noise")
+    ap.add_argument("--encode-only", action="store_true",
+                    help="only time the output PNG writer (Pillow compress_level 1 vs app.png) at --size, --runs")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--client", default="process", choices=["process", "thread"],
                     help="where the gradio_client runs: a separate process like an API user (default), or a thread of "
@@ -271,6 +315,12 @@ def main(argv=None) -> int:
     args.steps = args.steps or (4 if args.sampler == "lbm" else 8)
     args.cfg = args.cfg if args.cfg is not None else (1.0 if args.sampler == "lbm" else 4.0)
     w, h = map(int, (args.size or ("1024x1024" if args.gpu else "256x256")).lower().split("x"))
+    if args.encode_only:
+        result = encode_only(w, h, args.runs)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench_app_"))
     args.tiny_root = args.tiny_root or str(tmp / "tiny")
 
@@ -280,19 +330,38 @@ def main(argv=None) -> int:
     from diffsynth_edit.editor import EditRequest, EditSettings
 
     editor, device, dtype, note = build_editor(args)
+    jitter = [0.0]  # --null-edit: seconds the stub sleeps in this run (the same in its bare and app calls)
     if args.null_edit:
         from diffsynth_edit.editor import EditResult
 
+        outputs = {}
+
+        def null_output(img: Image.Image) -> Image.Image:
+            """The stub's output: the input itself (smooth), the input with ±6 of noise (like a photograph), or
+            uniform noise (like the random-weight DiT of --gpu): what the app's PNG writer has to compress."""
+            if args.null_output == "input":
+                return img
+            if img.size not in outputs:
+                rng = np.random.default_rng(0)
+                if args.null_output == "photo":
+                    arr = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (img.height, img.width, 3))
+                else:
+                    arr = rng.integers(0, 256, (img.height, img.width, 3))
+                outputs[img.size] = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+            return outputs[img.size]
+
         def null_edit(request, settings=None, progress=None):
+            if jitter[0]:
+                time.sleep(jitter[0])
             for i in range(settings.steps):
                 if progress is not None:
                     progress(i + 1, settings.steps)
-            img = request.image.convert("RGB")
+            img = null_output(request.image.convert("RGB"))
             return EditResult(img, None, {"sampler": settings.sampler, "steps": settings.steps, "seed": settings.seed,
                                           "size": list(img.size), "box": [0, 0, 0, 0]}, [], None, None)
 
         editor.edit = null_edit
-        note += "; NULL EDIT (stub returning the input: app overhead only)"
+        note += f"; NULL EDIT (stub returning {args.null_output}: app overhead only)"
     service = EditService(editor, [tmp / "train"], max_pixels=max(w * h, 256))
     demo = build_ui(service, default_steps=args.steps)
     port = free_port()
@@ -322,7 +391,9 @@ def main(argv=None) -> int:
     bare_t = []
     app_t = {k: [] for k in CLIENTS}
     server_t = {k: [] for k in CLIENTS}
+    rng = random.Random(0)
     for i in range(args.runs):
+        jitter[0] = rng.uniform(0, args.null_jitter_ms / 1000) if args.null_edit else 0.0
         bare_t.append(bare())
         for k in (CLIENTS if i % 2 == 0 else CLIENTS[::-1]):  # alternate the order of the two clients too
             r = client.call(k)
@@ -351,10 +422,13 @@ def main(argv=None) -> int:
     }
     for k in CLIENTS:
         ma = statistics.median(app_t[k])
+        diffs = [a - b for a, b in zip(app_t[k], bare_t)]  # per run: the app call minus the bare call before it
         result["app"][k] = {
             "median_s": round(ma, 4), "mean_s": round(statistics.fmean(app_t[k]), 4),
             "server_side_median_s": round(statistics.median(server_t[k]), 4),
             "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1) if mb > 0.05 else None,
+            "overhead_per_run_median_s": round(statistics.median(diffs), 4),
+            "overhead_per_run_mean_s": round(statistics.fmean(diffs), 4),
             "runs_s": [round(x, 4) for x in app_t[k]],
         }
     print(json.dumps(result, indent=2))
