@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from .bridge_dit import DiTInputs, bridge_forward
 from .checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
-from .encoding import encode_prompt, pad_prompts, vae_decode, vae_encode, white_latents
+from .encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode, vae_encode, white_latents
 from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
 from .sampling import euler_step, flow_sigmas, lbm_grid
@@ -244,10 +244,11 @@ class Editor:
         box = mask_bbox(mask, (h, w))
         images = [source, *refs]
         edit_latents = vae_encode(self.pipe, images)
-        prompt_emb, prompt_mask = encode_prompt(self.pipe, request.prompt, images)
-        if settings.cfg_scale != 1.0:
-            nega_emb, nega_mask = encode_prompt(self.pipe, request.negative_prompt or "", images)
-        else:  # unused without guidance: skip the second text-encoder pass
+        if settings.cfg_scale != 1.0:  # one text-encoder pass + the negative's tail tokens on its KV cache
+            pair = encode_prompt_pair(self.pipe, request.prompt, images, request.negative_prompt or "")
+            prompt_emb, prompt_mask, nega_emb, nega_mask = pair.emb, pair.mask, pair.nega_emb, pair.nega_mask
+        else:  # the negative is unused without guidance
+            prompt_emb, prompt_mask = encode_prompt(self.pipe, request.prompt, images)
             nega_emb, nega_mask = prompt_emb, prompt_mask
         if mask is None:
             mask_latent = torch.ones(1, 1, h // 8, w // 8)

@@ -69,7 +69,8 @@ class CacheConfig:
                                                                    "pixels, sides multiples of 16"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda, cuda:N or cpu"})
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "model and cache dtype"})
-    batch_size: int = field(default=4, metadata={"help": "images per VAE call (same-shape images only)"})
+    batch_size: int = field(default=4, metadata={"help": "samples per device batch (one text-encoder call) and "
+                                                          "images per VAE call (same-shape images only)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N samples (no pruning)"})
     num_workers: int = field(default=4, metadata={"help": "workers reading/resizing images (and hashing threads)"})
     workers: Literal["auto", "process", "thread"] = field(default="auto", metadata={
