@@ -6,6 +6,7 @@
     python bench/bench_app.py --gpu --sampler flow --steps 40
     python bench/bench_app.py --null-edit --size 1024x1024     # the app's fixed overhead alone (stub edit)
     python bench/bench_app.py --encode-only --size 1024x1024   # the output PNG writer alone
+    python bench/bench_app.py --queue-poll-only --runs 25 --threads 1  # gradio's idle queue poll vs Python-bound work
 
 The app is served live in this process (gradio in a thread on a free 127.0.0.1 port, the same EditService and
 Blocks as `app_gradio.py`) and called through `gradio_client` (`/edit`): upload of image + mask, queue, validation,
@@ -276,6 +277,41 @@ def encode_only(w: int, h: int, runs: int) -> dict:
     return out
 
 
+def queue_poll_only(rounds: int) -> dict:
+    """A Python-bound loop (20k tiny torch ops, like a kernel-launch loop) in a process serving the app, idle, with
+    gradio's queue polling every 1 ms (gradio's default), 5 ms (the app's QUEUE_POLL_S) or 50 ms; alternating."""
+    from diffsynth_edit.app.service import EditService
+    from diffsynth_edit.app.testing import free_port, wait_for_http
+    from diffsynth_edit.app.ui import build_ui, launch
+
+    class NoEditor:
+        checkpoint = None
+
+    x = torch.zeros(64)
+
+    def work() -> float:
+        t = time.perf_counter()
+        y = x
+        for _ in range(20000):
+            y = y + 1.0
+        return time.perf_counter() - t
+
+    demo = build_ui(EditService(NoEditor(), [Path(tempfile.mkdtemp(prefix="bench_app_"))]), default_steps=4)
+    port = free_port()
+    launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    wait_for_http(f"http://127.0.0.1:{port}/config", timeout=120)
+    times = {0.001: [], 0.005: [], 0.05: []}
+    for _ in range(rounds):
+        for poll in times:
+            demo._queue.sleep_when_free = poll
+            time.sleep(0.02)
+            times[poll].append(work())
+    demo.close()
+    return {"rounds": rounds, "load_average_1m": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
+            **{f"poll_{int(p * 1000)}ms": {"median_s": round(statistics.median(v), 5), "min_s": round(min(v), 5)}
+               for p, v in times.items()}}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--client-worker"]:
@@ -301,6 +337,9 @@ def main(argv=None) -> int:
                     help="--null-edit: the stub returns the input, the input with ±6 of noise, or uniform noise")
     ap.add_argument("--encode-only", action="store_true",
                     help="only time the output PNG writer (Pillow compress_level 1 vs app.png) at --size, --runs")
+    ap.add_argument("--queue-poll-only", action="store_true",
+                    help="only time a Python-bound loop beside an idle app, gradio's queue polling every 1 / 5 / 50 ms "
+                         "(--runs rounds)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--client", default="process", choices=["process", "thread"],
                     help="where the gradio_client runs: a separate process like an API user (default), or a thread of "
@@ -315,8 +354,8 @@ def main(argv=None) -> int:
     args.steps = args.steps or (4 if args.sampler == "lbm" else 8)
     args.cfg = args.cfg if args.cfg is not None else (1.0 if args.sampler == "lbm" else 4.0)
     w, h = map(int, (args.size or ("1024x1024" if args.gpu else "256x256")).lower().split("x"))
-    if args.encode_only:
-        result = encode_only(w, h, args.runs)
+    if args.encode_only or args.queue_poll_only:
+        result = encode_only(w, h, args.runs) if args.encode_only else queue_poll_only(args.runs)
         print(json.dumps(result, indent=2))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

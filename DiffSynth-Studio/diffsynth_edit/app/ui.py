@@ -42,7 +42,7 @@ QUEUE_POLL_S = 0.005
 
 
 class PngStore:
-    """Output images are written once, as fast PNG (`png.encode_png`: Up filter + run-length deflate, ≈ 4x faster
+    """Output images are written once, as fast PNG (`png.encode_png`: Up filter + run-length deflate, 3-7x faster
     than PIL at compress_level 1), and handed to gradio as paths, which it copies into its cache without
     re-encoding. The same file serves the output, the comparison slider and the API. Only the newest `keep` files
     are kept here."""
