@@ -293,6 +293,23 @@ def test_open_mask_alpha_rules(tmp_path):
     save(matte, tmp_path / "matte.png")
     m = np.asarray(open_mask(tmp_path / "matte.png"))
     assert (m[2:5, 2:5] == 255).all() and m.sum() == 9 * 255
+    red = np.zeros((16, 16, 4), np.uint8)
+    red[3:9, 5:7] = (255, 0, 0, 255)  # a red brush on a transparent layer (luminance 76 would binarise to nothing)
+    save(red, tmp_path / "red.png")
+    m = np.asarray(open_mask(tmp_path / "red.png"))
+    assert (m[3:9, 5:7] == 255).all() and m.sum() == 12 * 255
+    opaque = np.zeros((16, 16, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[0:4, 0:2, :3] = 255  # opaque alpha: the luminance is the mask
+    save(opaque, tmp_path / "opaque.png")
+    m = np.asarray(open_mask(tmp_path / "opaque.png"))
+    assert (m[0:4, 0:2] == 255).all() and m.sum() == 8 * 255
+    # the editor (and so the cache and the app) reads every one of these masks the same way
+    from diffsynth_edit.editor import prepare_mask
+
+    for name in ("strokes", "matte", "red", "opaque"):
+        got, _ = prepare_mask(Image.open(tmp_path / f"{name}.png"), (16, 16))
+        assert np.array_equal(np.asarray(got), (np.asarray(open_mask(tmp_path / f"{name}.png")) > 127) * 255), name
 
 
 def test_open_rejects_corrupt_and_truncated_files(tmp_path):

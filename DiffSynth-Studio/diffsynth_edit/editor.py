@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from .bridge_dit import DiTInputs, bridge_forward
 from .checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
+from .dataset.image_io import to_mask
 from .encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode, vae_encode, white_latents
 from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
@@ -136,10 +137,8 @@ def prepare_mask(mask: Image.Image | None, size: tuple[int, int],
         return None, None
     if not isinstance(mask, Image.Image):
         raise EditInputError(f"mask must be a PIL image, got {type(mask).__name__}")
-    mask = ImageOps.exif_transpose(mask)
+    mask = to_mask(ImageOps.exif_transpose(mask))  # the dataset builder's rule (alpha matte or luminance)
     notice = None
-    if mask.mode in ("RGBA", "LA"):
-        mask = mask.getchannel("A") if mask.getextrema()[-1] != (255, 255) else mask.convert("L")
     if mask.size != size:
         (mw, mh), (w, h) = mask.size, size
         own = original_size is not None and mask.size == tuple(original_size)

@@ -7,9 +7,9 @@ Colour images (`to_rgb`): RGBA / LA / palette-with-transparency are composited o
 CMYK and YCbCr are converted; 16-bit greyscale (I;16*, I) is scaled to 8 bit (÷257); float (F) images are
 taken as 0..1 when their maximum is <= 1, else 0..255. (Pillow itself reads 16-bit RGB(A) PNGs as 8-bit.)
 
-Masks (`to_mask`): mode L, white = region to edit. Transparency counts as "not edited": an image with alpha is
-composited onto black, except when its colour channels are uniform (an alpha-only matte), where the alpha
-channel itself is the mask. 16-bit and float masks are scaled like colour images.
+Masks (`to_mask`, also the editor's and the app's rule): mode L, white = region to edit. An image whose alpha is
+not fully opaque is a matte or a painted layer: its alpha channel is the mask (strokes of any colour count); with
+opaque or no alpha the luminance is. 16-bit and float masks are scaled like colour images.
 """
 from __future__ import annotations
 
@@ -157,13 +157,8 @@ def to_mask(img: Image.Image | DecodedImage) -> Image.Image:
         return _high_depth_to_l(img)
     if _has_alpha(img):
         la = img.convert("LA")
-        lum, alpha = la.getchannel("L"), la.getchannel("A")
-        lo, hi = lum.getextrema()
-        if lo == hi:  # colour carries no information: the alpha channel is the matte
-            return alpha
-        out = Image.new("L", la.size, 0)
-        out.paste(lum, (0, 0), alpha)
-        return out
+        alpha = la.getchannel("A")
+        return alpha if alpha.getextrema() != (255, 255) else la.getchannel("L")
     try:
         return img.convert("L")
     except (ValueError, OSError) as e:
