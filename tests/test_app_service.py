@@ -327,6 +327,17 @@ def test_tiny_fallback_when_no_weights(tiny_root, tmp_path):
         build_editor(cfg, log=logs.append)
 
 
+@pytest.mark.parametrize("flag", ["--compile", "--fp8"])
+def test_speed_up_flags_need_cuda(tiny_root, flag):
+    from diffsynth_edit.app.service import build_editor
+    from diffsynth_edit.config import ConfigError
+
+    cfg = parse_app_config(["--tiny", "--tiny-root", str(tiny_root), "--device", "cpu", flag])
+    assert cfg.compile or cfg.fp8
+    with pytest.raises(ConfigError, match="need a CUDA device"):
+        build_editor(cfg, log=lambda s: None)
+
+
 # ---- output PNGs ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,size", [("RGB", (1024, 768)), ("RGB", (1, 1)), ("RGBA", (33, 517)), ("L", (7, 1)),
                                        ("LA", (3, 65)), ("P", (20, 10)), ("I;16", (9, 9))])

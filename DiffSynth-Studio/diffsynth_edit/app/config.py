@@ -57,6 +57,10 @@ class AppConfig:
     cfg_scale: float = field(default=4.0, metadata=_help("default CFG scale"))
     lbm_steps: int = field(default=4, metadata=_help("default LBM steps (1-4)"))
     queue_size: int = field(default=64, metadata=_help("longest generation queue"))
+    compile: bool = field(default=False, metadata=_help(
+        "CUDA: torch.compile each DiT/STE block (the first edit at a new size compiles, ~1 min)"))
+    fp8: bool = field(default=False, metadata=_help(
+        "CUDA, Ada/Hopper: fp8 matmuls in the DiT blocks (approximate; LoRAs hot-load beside them)"))
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:

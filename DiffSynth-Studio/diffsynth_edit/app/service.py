@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from ..editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
 from ..loading import MissingWeightsError, ModelSources, load_pipeline
 from .checkpoints import (CheckpointAccessError, CheckpointEntry, list_checkpoints, resolve_checkpoint,
@@ -70,6 +71,8 @@ def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[
     """Editor (hot-swap on) for an AppConfig; notices tell the user what was chosen (e.g. the tiny fallback)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
+        raise ConfigError(f"`compile` and `fp8` need a CUDA device; this app runs on {device}")
     notices: list[str] = []
     if cfg.tiny:
         sources = tiny_sources(cfg.tiny_root, cfg.variant)
@@ -92,7 +95,11 @@ def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[
     for n in notices:
         log(f"[app] {n}")
     log(f"[app] model: Qwen-Image-Edit-{sources.variant} on {device} ({str(dtype).replace('torch.', '')})")
-    return Editor(pipe, variant=sources.variant, hot_swap=True), notices
+    editor = Editor(pipe, variant=sources.variant, hot_swap=True)
+    if cfg.compile or cfg.fp8:
+        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
+        log(f"[app] speed-ups: {', '.join(n for n, on in (('compiled blocks', cfg.compile), ('fp8', cfg.fp8)) if on)}")
+    return editor, notices
 
 
 # ---- request validation -----------------------------------------------------------------------------------------
