@@ -229,3 +229,43 @@ def test_learning_on_synthetic_edits(cache_dir, tiny_root, tmp_path):
     trainer.eval_view()
     edit_err, src_err = _edit_errors(trainer)
     assert edit_err < src_err, (edit_err, src_err)
+
+
+@pytest.mark.parametrize("kill_at", ["step:3", "state-swap:4"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(cache_dir, tiny_root, tmp_path, kill_at, capsys):
+    """SIGKILL mid-run (after step 3, or inside the state swap at step 4: state/ renamed away, the new one not yet in
+    place), then `resume`: the final weights equal an uninterrupted run's and metrics.csv has each step once."""
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from diffsynth_edit.training.loop import KILL_ENV
+
+    kw = dict(max_steps=6, save_every=2, log_every=1)
+    _, full = run(make_cfg(cache_dir, tiny_root, tmp_path / "full", **kw))
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from test_training import make_cfg, run; "
+            "run(make_cfg(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), max_steps=6, save_every=2, "
+            "log_every=1))")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(cache_dir), str(tiny_root),
+                           str(tmp_path / "cut")], env=os.environ | {KILL_ENV: kill_at}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir = tmp_path / "cut" / "run"
+    if kill_at.startswith("state-swap"):
+        assert not (run_dir / "state").exists()  # the crash window this covers
+    capsys.readouterr()
+    trainer, resumed = run(make_cfg(cache_dir, tiny_root, tmp_path / "cut", resume=True, **kw))
+    # step:3 -> the state saved at step 2; state-swap:4 -> the complete new state of step 4 left beside the old one
+    assert f"resuming at step {2 if kill_at == 'step:3' else 4}" in capsys.readouterr().out
+    assert trainer.step == 6 and resumed.name == "step-000006.safetensors"
+    sf, sr = load_file(str(full)), load_file(str(resumed))
+    assert sf.keys() == sr.keys()
+    for k in sf:
+        assert torch.allclose(sf[k], sr[k], atol=1e-6), k
+    with open(run_dir / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "state" / "trainer.json").is_file() and not list(run_dir.glob(".state-*"))

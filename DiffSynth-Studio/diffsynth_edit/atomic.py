@@ -86,3 +86,14 @@ def atomic_write_if_changed(final: Path | str, data: bytes | str, fsync: bool = 
         pass
     atomic_write_bytes(final, data, fsync=fsync)
     return True
+
+
+def kill_point(env: str, stage: str, count: int) -> None:
+    """Crash tests: SIGKILL this process when environment variable `env` is "<stage>:<count>" (no-op otherwise)."""
+    spec = os.environ.get(env)
+    if spec:
+        want, _, n = spec.partition(":")
+        if want == stage and int(n) == count:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, kill_point
 from ..geometry import Box, binarize_mask, mask_bbox
 from ..variants import VariantMismatchError, check_same_variant, get_variant
 from .manifest import (FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
@@ -486,11 +485,7 @@ def entry_record(item: _Item, shapes: dict[str, list[int]], nbytes: int) -> dict
 
 
 def _kill_hook(stage: str, count: int) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if spec:
-        want, _, n = spec.partition(":")
-        if want == stage and int(n) == count:
-            os.kill(os.getpid(), signal.SIGKILL)
+    kill_point(KILL_ENV, stage, count)
 
 
 class _Writer:

@@ -6,20 +6,24 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_path
+
 COLUMNS = ["step", "loss", "loss_main", "loss_sub", "lr", "grad_norm", "samples_per_s", "peak_mem_gib"]
 
 
 class RunLogger:
     def __init__(self, run_dir: Path, config: dict[str, Any], use_wandb: bool, enabled: bool = True,
-                 resume: bool = False):
+                 resume: bool = False, resume_step: int = 0):
+        """`resume`: keep metrics.csv's rows up to `resume_step` (the steps after it are trained again; a row cut
+        by a crash is dropped too)."""
         self.enabled = enabled
         self.csv_path = Path(run_dir) / "metrics.csv"
         self.wandb = None
         if not enabled:
             return
-        if not resume or not self.csv_path.exists():
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(COLUMNS)
+        kept = self._rows_up_to(resume_step) if resume and self.csv_path.exists() else []
+        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([COLUMNS, *kept])
         if use_wandb:
             try:
                 import wandb
@@ -31,6 +35,11 @@ class RunLogger:
                                         dir=str(run_dir), config=config, resume="allow")
             except Exception as e:  # logging must never kill a run
                 print(f"[train] wandb disabled: {e}")
+
+    def _rows_up_to(self, step: int) -> list[list[str]]:
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        return [r for r in rows if len(r) == len(COLUMNS) and r[0].isdigit() and int(r[0]) <= step]
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

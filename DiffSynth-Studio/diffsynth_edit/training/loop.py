@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, kill_point
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..cache.store import open_cache
 from ..checkpoint import read_checkpoint, write_checkpoint
@@ -27,6 +27,8 @@ from .data import BatchStream, collate, sample_generator
 from .logger import RunLogger
 from .lora import inject_lora, load_into_training, lora_state_dict
 from .losses import combine_losses, lbm_predicted_target, make_lbm_inputs, make_sft_inputs, per_sample_mse
+
+KILL_ENV = "DIFFSYNTH_EDIT_TRAIN_TEST_KILL"  # crash tests: "step:<n>" or "state-swap:<n>" (atomic.kill_point)
 
 
 class TrainingError(RuntimeError):
@@ -374,11 +376,12 @@ class Trainer:
         old = self.run_dir / f".state-old-{self.step}"
         if final.exists():
             final.rename(old)
+        kill_point(KILL_ENV, "state-swap", self.step)  # the window `_find_resume_state` covers
         tmp.rename(final)
-        if old.exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(old, ignore_errors=True)
+        for leftover in [old, *self.run_dir.glob(".state-*")]:  # incl. those of an earlier crash
+            shutil.rmtree(leftover, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     def _deepspeed_layout(self) -> dict | None:
@@ -386,9 +389,21 @@ class Trainer:
             return None
         return {"stage": self.zero_stage, "world_size": self.accelerator.num_processes}
 
-    def load_resume_state(self) -> bool:
+    def _find_resume_state(self) -> Path | None:
+        """state/, else (a crash between the two renames of `save_resume_state`) the complete leftover with the
+        highest step: `.state-old-<n>` (the previous state) or `.state-<n>.tmp` (the new one: trainer.json is written
+        last, so a folder that has it is whole)."""
         state = self.run_dir / "state"
-        if not (state / "trainer.json").is_file():
+        if (state / "trainer.json").is_file():
+            return state
+        candidates = [p for p in self.run_dir.glob(".state-*") if (p / "trainer.json").is_file()]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: json.loads((p / "trainer.json").read_text())["step"])
+
+    def load_resume_state(self) -> bool:
+        state = self._find_resume_state()
+        if state is None:
             return False
         from safetensors.torch import load_file
 
@@ -462,7 +477,7 @@ class Trainer:
         if self.main:
             atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg) | {"variant": self.variant.name})
         logger = RunLogger(self.run_dir, config_to_dict(cfg) | {"run_name": cfg.run_name}, cfg.wandb,
-                           enabled=self.main, resume=resumed)
+                           enabled=self.main, resume=resumed, resume_step=self.step)
         self._print(f"[train] {cfg.objective} {cfg.mode} Qwen-Image-Edit-{self.variant.name} zero_cond_t="
                     f"{self.zero_cond_t}: {self.n_trainable / 1e6:.2f} M trainable, {len(self.cache)} cached samples, "
                     f"accumulation {cfg.gradient_accumulation} x batch {cfg.batch_size} x {self.accelerator.num_processes} "
@@ -525,6 +540,7 @@ class Trainer:
                 self.train_view()
                 if save_now:
                     self.save_resume_state()
+            kill_point(KILL_ENV, "step", self.step)
         bar.close()
         curve = logger.finish()
         if curve is not None:
