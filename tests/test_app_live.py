@@ -183,20 +183,21 @@ def test_one_generation_at_a_time_others_queue(live):
     assert any(code == "IN_QUEUE" and rank is not None and rank >= 1 for code, rank in seen), seen
 
 
+class _PageStub:  # build_ui only needs these attributes to lay out the page
+    max_steps = 100
+    loaded = None
+    startup_notices = []
+
+    @staticmethod
+    def checkpoint_choices():
+        return [("(none: base model)", "")]
+
+
 def test_generate_events_share_one_slot():
     """Structure: the page's Generate and /edit are in one concurrency group of size 1 (queue on)."""
     from diffsynth_edit.app.ui import GPU_GROUP, build_ui
 
-    class _Stub:  # build_ui only needs these attributes to lay out the page
-        max_steps = 100
-        loaded = None
-        startup_notices = []
-
-        @staticmethod
-        def checkpoint_choices():
-            return [("(none: base model)", "")]
-
-    demo = build_ui(_Stub())
+    demo = build_ui(_PageStub())
     fns = list(demo.fns.values()) if isinstance(demo.fns, dict) else list(demo.fns)
     gpu = [f for f in fns if getattr(f, "concurrency_id", None) == GPU_GROUP]
     assert len(gpu) == 2 and all(f.concurrency_limit == 1 and f.queue for f in gpu)
@@ -209,16 +210,7 @@ def test_queue_polls_every_5_ms_and_edit_skips_component_preprocessing():
     from diffsynth_edit.app.testing import free_port
     from diffsynth_edit.app.ui import QUEUE_POLL_S, build_ui, launch
 
-    class _Stub:
-        max_steps = 100
-        loaded = None
-        startup_notices = []
-
-        @staticmethod
-        def checkpoint_choices():
-            return [("(none: base model)", "")]
-
-    demo = build_ui(_Stub())
+    demo = build_ui(_PageStub())
     launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         assert demo._queue.sleep_when_free == QUEUE_POLL_S == 0.005

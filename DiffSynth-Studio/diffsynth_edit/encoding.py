@@ -164,9 +164,8 @@ def _inputs_embeds(te, input_ids: torch.Tensor, pixel_values, grid, rows: int):
     return embeds.masked_scatter(mask, img.repeat(rows, 1))
 
 
-def _encode_ids(pipe, ids: list[torch.Tensor], pixel_values, grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    dev = pipe.device
-    te = pipe.text_encoder
+def _right_padded(pipe, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [len(ids), longest] on the pipeline's device, rows right-padded."""
     pad_id = pipe.processor.tokenizer.pad_token_id or 0
     length = max(len(t) for t in ids)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
@@ -174,7 +173,13 @@ def _encode_ids(pipe, ids: list[torch.Tensor], pixel_values, grid) -> list[tuple
     for i, t in enumerate(ids):
         input_ids[i, :len(t)] = t
         attn[i, :len(t)] = 1
-    input_ids, attn = input_ids.to(dev, non_blocking=True), attn.to(dev, non_blocking=True)
+    return input_ids.to(pipe.device, non_blocking=True), attn.to(pipe.device, non_blocking=True)
+
+
+def _encode_ids(pipe, ids: list[torch.Tensor], pixel_values, grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    dev = pipe.device
+    te = pipe.text_encoder
+    input_ids, attn = _right_padded(pipe, ids)
     kw: dict = {}
     if pixel_values is not None:
         pv, grid = pixel_values.to(dev), grid.to(dev)
@@ -272,15 +277,7 @@ def encode_prompt_pairs(pipe, inputs: Sequence[tuple]) -> list[PromptPair]:
     with_images = [x for x in inputs if x[1] is not None]
     if not hasattr(model, "get_image_features") or 0 < len(with_images) < len(inputs):
         return [encode_prompt_pair(pipe, "", [], inputs=x) for x in inputs]  # mixed or unknown layouts: one by one
-    ids = [t for x in inputs for t in x[0][:2]]
-    pad_id = pipe.processor.tokenizer.pad_token_id or 0
-    length = max(len(t) for t in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, t in enumerate(ids):
-        input_ids[i, :len(t)] = t
-        attn[i, :len(t)] = 1
-    input_ids, attn = input_ids.to(dev, non_blocking=True), attn.to(dev, non_blocking=True)
+    input_ids, attn = _right_padded(pipe, [t for x in inputs for t in x[0][:2]])
     kw: dict = {}
     if with_images:
         pv = torch.cat([x[1] for x in inputs]).to(dev, non_blocking=True)
