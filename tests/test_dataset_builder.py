@@ -675,3 +675,26 @@ def test_atomic_helpers(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("boom")
     assert p.read_text() == "two" and os.listdir(p.parent) == ["f.txt"]
+
+
+def test_instructions_file_bad_rows_reported_with_their_lines(tmp_path):
+    """A JSONL instructions file: unparsable lines and rows without a stem are reported (file:line) and skipped,
+    the good rows used; a JSON list that does not parse stops with a message naming the file."""
+    raw = tmp_path / "raw"
+    make_raw_pair(raw, "a", instruction=None)
+    make_raw_pair(raw, "b", instruction=None)
+    table = raw / "meta.jsonl"
+    table.write_text(json.dumps({"stem": "a", "instruction": "paint it"}) + "\n{not json\n\n"
+                     + json.dumps({"instruction": "no stem"}) + "\n"
+                     + json.dumps({"stem": "b", "instruction": "blur it"}) + "\n")
+    s = build(tmp_path, instructions=table)
+    by_id = {r["id"]: r for r in s.records}
+    assert by_id["a"]["prompt"].endswith("paint it") and by_id["b"]["prompt"].endswith("blur it")
+    where = sorted(p["file"] for p in problems(s, "bad_instructions_row"))
+    assert where == [f"{table}:2", f"{table}:4"]
+    from diffsynth_edit.config import ConfigError
+
+    broken = raw / "meta.json"
+    broken.write_text('[{"stem": "a",\n "instruction": ]')
+    with pytest.raises(ConfigError, match=r"instructions file .*meta\.json: invalid JSON at line 2"):
+        build(tmp_path, out="o2/ds.json", instructions=broken)

@@ -35,7 +35,7 @@ from ..config import ConfigError
 from ..geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
 from .image_io import (FORMAT_EXTENSION, WHITE, DecodedImage, ImageDecodeError, atomic_save_image, decode_image,
                        is_image_file, to_mask, to_rgb)
-from .schema import DEFAULT_PROMPT_TEMPLATE, dataset_text, relative_path
+from .schema import DEFAULT_PROMPT_TEMPLATE, DatasetFormatError, dataset_text, read_numbered_records, relative_path
 
 BUILDER_VERSION = 1
 ASPECT_TOLERANCE = 0.01  # relative aspect-ratio difference above which two images are a size mismatch
@@ -283,14 +283,14 @@ def _read_text_file(path: Path, ident: str | None, problems: list[Problem]) -> s
 
 def read_instructions(path: Path, problems: list[Problem]) -> dict[str, tuple[str | None, str | None]]:
     """stem -> (instruction or None, edit_type or None) from a CSV (header: stem[,instruction][,edit_type]) or a
-    JSONL / JSON-list file of objects with the same keys. Bad rows are reported (file:line) and skipped; a stem
-    listed twice is reported and dropped."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"instructions file {path} is not valid UTF-8 (offset {e.start})") from None
-    rows: list[tuple[int, dict]] = []
+    JSONL / JSON-list file of objects with the same keys (`schema.read_numbered_records`). Bad rows are reported
+    (file:line, or file:position in a JSON list) and skipped; a stem listed twice is reported and dropped."""
+    rows: list[tuple[int, Any]] = []
     if path.suffix.lower() == ".csv":
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"instructions file {path} is not valid UTF-8 (offset {e.start})") from None
         reader = csv.DictReader(text.splitlines())
         cols = [c.strip() for c in (reader.fieldnames or [])]
         if "stem" not in cols or not ({"instruction", "edit_type"} & set(cols)):
@@ -299,21 +299,13 @@ def read_instructions(path: Path, problems: list[Problem]) -> dict[str, tuple[st
         for i, row in enumerate(reader, 2):
             rows.append((i, {(k or "").strip(): v for k, v in row.items()}))
     else:
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"instructions file {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-            rows = [(i + 1, it) for i, it in enumerate(items)]
-        else:
-            for i, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    problems.append(_err("bad_instructions_row", f"{path}:{i}", None, f"not valid JSON: {e.msg}"))
+        def bad_line(line: int, message: str) -> None:
+            problems.append(_err("bad_instructions_row", f"{path}:{line}", None, message))
+
+        try:
+            rows = read_numbered_records(path, on_bad_line=bad_line)
+        except DatasetFormatError as e:
+            raise ConfigError(f"instructions file {e}") from None
     table: dict[str, tuple[str | None, str | None]] = {}
     seen_at: dict[str, int] = {}
     dropped: set[str] = set()

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..atomic import atomic_write_if_changed, json_text
 
@@ -82,6 +82,15 @@ def read_records(path: Path | str) -> list[Any]:
     The format is sniffed from the content (a leading `[` means a JSON list). Items are returned as parsed, objects
     or not; `DatasetFormatError` names the file and line for unparsable text.
     """
+    return [item for _, item in read_numbered_records(path)]
+
+
+def read_numbered_records(path: Path | str,
+                          on_bad_line: Callable[[int, str], None] | None = None) -> list[tuple[int, Any]]:
+    """`read_records` with where each item is: (JSONL line number or position in a JSON list, item).
+
+    `on_bad_line(line, message)`: a JSONL line that does not parse is reported there and skipped instead of
+    stopping the read (the dataset builder reports every bad row of an instructions file)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -97,16 +106,18 @@ def read_records(path: Path | str) -> list[Any]:
             raise DatasetFormatError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if not isinstance(data, list):
             raise DatasetFormatError(f"{path}: the top level must be a list of objects")
-        return data
+        return list(enumerate(data, 1))
     items = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from None
-    if not items and stripped:
+            if on_bad_line is None:
+                raise DatasetFormatError(f"{path}: line {lineno} is not valid JSON: {e.msg}") from None
+            on_bad_line(lineno, f"not valid JSON: {e.msg}")
+    if not items and stripped and on_bad_line is None:
         raise DatasetFormatError(f"{path}: no JSON objects found")
     return items
 
