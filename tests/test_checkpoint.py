@@ -360,3 +360,16 @@ def test_hot_swap_matches_fused(tiny_sources, tmp_path):
     fused.load_checkpoint(path)
     torch.testing.assert_close(hot.edit(_request(), SETTINGS).latents, fused.edit(_request(), SETTINGS).latents,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_fp8_editor_refuses_a_fused_checkpoint_load(fresh_pipe, tmp_path):
+    """After `speed_up(fp8=True)` the bf16 weights are gone: a LoRA cannot be fused any more (hot-swap still works,
+    the LoRA running beside the fp8 weights)."""
+    from diffsynth_edit.checkpoint import CheckpointError
+
+    editor = Editor(fresh_pipe, variant="2511")
+    editor.fp8 = True  # what speed_up(fp8=True) sets (the quantisation itself needs an fp8 GPU)
+    path = write_design(tmp_path / "a.safetensors", _lora(fresh_pipe.dit))
+    with pytest.raises(CheckpointError, match="fp8.*hot_swap=True"):
+        editor.load_checkpoint(path)
+    assert editor.checkpoint is None
