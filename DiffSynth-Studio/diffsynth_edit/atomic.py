@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +95,4 @@ def kill_point(env: str, stage: str, count: int) -> None:
     if spec:
         want, _, n = spec.partition(":")
         if want == stage and int(n) == count:
-            import signal
-
             os.kill(os.getpid(), signal.SIGKILL)

@@ -157,11 +157,15 @@ def encode_prompts(pipe, prompts: Sequence[str], images: Sequence[Image.Image]
 def _inputs_embeds(te, input_ids: torch.Tensor, pixel_values, grid, rows: int):
     """Token embeddings with the vision tower's output (run once) scattered into the image tokens of every row: what
     the text encoder's forward does with `pixel_values`, without running the vision tower once per row."""
-    model = te.model
-    embeds = model.get_input_embeddings()(input_ids)
-    img = _image_embeds(model, pixel_values, grid).to(embeds.device, embeds.dtype)
+    return _scatter_images(te, input_ids, _image_embeds(te.model, pixel_values, grid).repeat(rows, 1))
+
+
+def _scatter_images(te, input_ids: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of `input_ids` with `image_rows` (vision-tower outputs, in row-major order of the image
+    tokens) written over the image tokens."""
+    embeds = te.model.get_input_embeddings()(input_ids)
     mask = (input_ids == te.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    return embeds.masked_scatter(mask, img.repeat(rows, 1))
+    return embeds.masked_scatter(mask, image_rows.to(embeds.device, embeds.dtype))
 
 
 def _right_padded(pipe, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,9 +291,7 @@ def encode_prompt_pairs(pipe, inputs: Sequence[tuple]) -> list[PromptPair]:
         counts = [int(x[2].prod(dim=1).sum()) // merge for x in inputs]
         per_sample = feats.split(counts)
         rows = torch.cat([f for f in per_sample for _ in range(2)])  # each sample's images for its two rows
-        embeds = model.get_input_embeddings()(input_ids)
-        mask = (input_ids == te.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-        kw["inputs_embeds"] = embeds.masked_scatter(mask, rows.to(embeds.dtype))
+        kw["inputs_embeds"] = _scatter_images(te, input_ids, rows)
     hidden = te(input_ids=input_ids, attention_mask=attn, output_hidden_states=True, **kw)[-1]
     out = []
     for n, x in enumerate(inputs):

@@ -114,11 +114,15 @@ def exact_speedups(pipe) -> None:
 
 
 # ---- fp8 linears ----------------------------------------------------------------------------------------------
+def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 tensor, fp32 scale [rows, 1]) with each row's largest magnitude mapped to the fp8 maximum."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
 def _fp8_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    scale_x = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    xq = (x2.float() / scale_x).to(torch.float8_e4m3fn)
+    xq, scale_x = _rowwise_fp8(x.reshape(-1, shape[-1]))  # per token
     out = torch._scaled_mm(xq, self.fp8_weight.t(), scale_a=scale_x, scale_b=self.fp8_scale,
                            bias=self.bias, out_dtype=x.dtype).reshape(*shape[:-1], -1)
     if getattr(self, "lora_A_weights", None):
@@ -129,8 +133,8 @@ def _fp8_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def quantize_linear_fp8(linear: torch.nn.Linear) -> None:
     """In place: fp8 weight + per-row scale buffers; the bf16 weight is released."""
     w = linear.weight.detach()
-    scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    linear.register_buffer("fp8_weight", (w.float() / scale).to(torch.float8_e4m3fn), persistent=False)
+    wq, scale = _rowwise_fp8(w)  # per output channel
+    linear.register_buffer("fp8_weight", wq, persistent=False)
     linear.register_buffer("fp8_scale", scale.t().contiguous(), persistent=False)  # [1, out]
     linear.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
     linear.forward = types.MethodType(_fp8_forward, linear)
