@@ -277,6 +277,14 @@ def test_missing_weights_and_bad_checkpoint_fail_cleanly(dataset, tiny_root, tmp
     assert rc == 2 and "only .safetensors" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--compile", "--fp8"])
+def test_speed_flags_need_cuda(dataset, tiny_root, tmp_path, flag):
+    with pytest.raises(SystemExit, match="--compile and --fp8 need a CUDA device.*on cpu"):
+        cli_main(["edit", "--dataset", str(dataset), "--model-root", str(tiny_root), "--out", str(tmp_path / "o"),
+                  "--device", "cpu", flag, *FAST])
+    assert not list((tmp_path / "o").rglob("*.png"))  # stopped before any edit
+
+
 def test_usage_without_command(capsys):
     assert cli_main([]) == 2
     assert "edit_images.py edit" in capsys.readouterr().err

@@ -212,13 +212,13 @@ def build_editor(cfg: ModelOptions):
     from .loading import load_pipeline
 
     device, dtype = resolve_device(cfg.device, cfg.dtype)
+    if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
+        raise SystemExit(f"--compile and --fp8 need a CUDA device (--device); this run is on {device}")
     pipe = load_pipeline(sources_from(cfg), device=device, torch_dtype=dtype)
     editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
     if cfg.compile or cfg.fp8:
-        if not str(device).startswith("cuda"):
-            raise SystemExit("--compile and --fp8 need a CUDA device (--device)")
         editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
     return editor
 
