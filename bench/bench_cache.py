@@ -7,9 +7,10 @@
 
 Models: diffsynth's `QwenImageTextEncoder()` and `QwenImageVAE()` are built on the meta device, materialised on the
 GPU with `to_empty` and filled with small normal values (norm weights 1, biases 0) in bf16; the VAE's latent
-mean/std constants are restored. Tokenizer: the tiny byte-level tokenizer (`diffsynth_edit.tiny.build_tokenizer`),
-with the text encoder's special token ids set to its ids, so TEXT token counts are those of a byte-level tokenizer
-(about 3-4x the real Qwen BPE counts: the prompt side is heavier than in reality). The image processor uses the real
+mean/std constants are restored. Tokenizer (`--tokenizer`): Qwen's real BPE ranks when `bench/fetch_qwen_tokenizer.sh`
+has fetched them (real text token counts and special ids), else the tiny byte-level tokenizer
+(`diffsynth_edit.tiny.build_tokenizer`) with the text encoder's special token ids set to its ids (TEXT token counts
+about 3-4x the real Qwen BPE counts: the prompt side is heavier than in reality). The image processor uses the real
 Qwen2-VL settings (patch 14, merge 2, temporal 2, min_pixels 56², max_pixels 28²·1280), and both paths resize
 reference images to 384² for the VL encoder, so VISION token counts are realistic.
 
@@ -60,10 +61,21 @@ def _init_random_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> N
                 p.normal_(0.0, std, generator=gen)
 
 
-def build_full_pipeline(device: str, dtype: torch.dtype, te_cls=None, vae_cls=None):
+def tokenizer_choice(choice: str) -> str:
+    """'auto' -> 'qwen' when bench/.assets/qwen.tiktoken is there (bench/fetch_qwen_tokenizer.sh), else 'bytes'."""
+    from qwen_tokenizer import qwen_tiktoken_path
+
+    if choice == "auto":
+        return "qwen" if qwen_tiktoken_path() else "bytes"
+    return choice
+
+
+def build_full_pipeline(device: str, dtype: torch.dtype, te_cls=None, vae_cls=None, tokenizer: str = "auto"):
     """QwenImagePipeline holding a full-size text encoder and VAE (random weights), tokenizer and processor.
 
-    `te_cls`/`vae_cls` (default: diffsynth's full-size classes) let `--tiny-meta` smoke-test this path on CPU."""
+    `te_cls`/`vae_cls` (default: diffsynth's full-size classes) let `--tiny-meta` smoke-test this path on CPU.
+    `tokenizer`: 'qwen' (Qwen's real BPE ranks, real token counts and special ids; `bench/qwen_tokenizer.py`),
+    'bytes' (the tiny byte-level tokenizer, ~3-4x the real text token counts) or 'auto'."""
     from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
     from diffsynth.models.qwen_image_vae import QwenImageVAE
     from diffsynth.pipelines.qwen_image import QwenImagePipeline
@@ -90,7 +102,8 @@ def build_full_pipeline(device: str, dtype: torch.dtype, te_cls=None, vae_cls=No
     fresh = type(vis_rot)(vis_rot.inv_freq.shape[0] * 2)
     vis_rot.inv_freq = fresh.inv_freq.to(device)
     _init_random_(te)
-    for cfg in (te.config, getattr(te.config, "text_config", None)):
+    real_tokens = tokenizer_choice(tokenizer) == "qwen"
+    for cfg in (te.config, getattr(te.config, "text_config", None)) if not real_tokens else ():
         if cfg is not None:
             cfg.image_token_id = TOKEN_IDS["<|image_pad|>"]
             cfg.video_token_id = TOKEN_IDS["<|video_pad|>"]
@@ -107,7 +120,12 @@ def build_full_pipeline(device: str, dtype: torch.dtype, te_cls=None, vae_cls=No
                 if isinstance(v, torch.Tensor) and v.device.type == "meta":
                     raise RuntimeError(f"{type(m).__name__}: {type(mod).__name__}.{k} is still on the meta device")
 
-    tok = build_tokenizer()
+    if real_tokens:
+        from qwen_tokenizer import build_qwen_tokenizer
+
+        tok = build_qwen_tokenizer()
+    else:
+        tok = build_tokenizer()
     kw = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
                                  video_processor=Qwen2VLVideoProcessor(**kw))
@@ -223,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fsync", action="store_true", help="run_cache without fsync per file")
     ap.add_argument("--skip-upstream", action="store_true", help="only the workspace paths")
     ap.add_argument("--profile", action="store_true", help="kernel/op table of one SampleEncoder.encode of 4 samples")
+    ap.add_argument("--tokenizer", default="auto", choices=("auto", "qwen", "bytes"),
+                    help="qwen: Qwen's real BPE ranks (bench/fetch_qwen_tokenizer.sh); bytes: the tiny byte-level "
+                         "tokenizer (~3-4x the real text token counts); auto: qwen if fetched")
     ap.add_argument("--workdir", default=None, help="where samples and outputs go (default: a temp dir)")
     args = ap.parse_args(argv)
     n = args.n or (3 if args.tiny else 8)
@@ -241,11 +262,11 @@ def main(argv=None) -> int:
     if args.tiny_meta:
         from diffsynth_edit.tiny import TinyQwenImageTextEncoder, TinyQwenImageVAE
 
-        pipe = build_full_pipeline(device, dtype, TinyQwenImageTextEncoder, TinyQwenImageVAE)
+        pipe = build_full_pipeline(device, dtype, TinyQwenImageTextEncoder, TinyQwenImageVAE, tokenizer="bytes")
     elif args.tiny:
         pipe = build_tiny_pipeline(work / "tiny_models", device, dtype)
     else:
-        pipe = build_full_pipeline(device, dtype)
+        pipe = build_full_pipeline(device, dtype, tokenizer=args.tokenizer)
     pipe.scheduler.set_timesteps(1000, training=True)  # as upstream's switch_pipe_to_training_mode
     t_build = time.perf_counter() - t0
     dataset = make_samples(work / "data", n + 1, size)
@@ -353,8 +374,9 @@ def main(argv=None) -> int:
         "reference and sub crop (white crop once per shape); cudnn.benchmark in run_cache only; "
         "upstream: 1 text-encoder pass (cfg_scale=1 reuses it), "
         "VAE of target, source and reference, plus pickled PIL images and the noise tensor.",
-        "- text tokens come from a byte-level tokenizer (about 3-4x the real BPE count); vision tokens are real "
-        "(384² references, patch 14, merge 2).",
+        ("- text tokens from Qwen's real BPE ranks (`bench/qwen_tokenizer.py`)" if tokenizer_choice(args.tokenizer)
+         == "qwen" and not args.tiny else "- text tokens come from a byte-level tokenizer (about 3-4x the real BPE "
+         "count)") + "; vision tokens are real (384² references, patch 14, merge 2).",
         f"- model build {t_build:.1f} s (not timed above); warm-up sample excluded (run_cache: worker start "
         f"excluded by a 1-sample warm-up run; all N+1 samples timed); torch {torch.__version__}.",
     ]

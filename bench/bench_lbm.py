@@ -20,7 +20,7 @@ import time
 import torch
 from PIL import Image
 
-from bench_cache import build_full_pipeline, build_tiny_pipeline
+from bench_cache import build_full_pipeline, build_tiny_pipeline, tokenizer_choice
 from bench_dit_forward import build_full_dit, build_tiny_dit
 from bench_train_step import strip_lora, sync, time_steps, write_report
 
@@ -31,6 +31,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--profile-prepare", action="store_true",
+                   help="op table of one eager prepare, prepare with/without the VAE side stream")
+    p.add_argument("--ste-all-rows", action="store_true",
+                   help="also time the compiled + fp8 4-step edit with the STE computing every token's gate (before)")
+    p.add_argument("--tokenizer", default="auto", choices=("auto", "qwen", "bytes"),
+                   help="text tokens: Qwen's real BPE (bench/fetch_qwen_tokenizer.sh), byte-level, or qwen if fetched")
     a = p.parse_args()
     device = "cpu" if a.tiny else "cuda"
     dtype = torch.float32 if a.tiny else torch.bfloat16
@@ -98,7 +104,7 @@ def main() -> int:
 
         pipe = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", device, dtype)
     else:
-        pipe = build_full_pipeline(device, dtype)
+        pipe = build_full_pipeline(device, dtype, tokenizer=a.tokenizer)
         from diffsynth_edit.speedups import exact_speedups
 
         exact_speedups(pipe)  # as the workspace loader does
@@ -137,7 +143,13 @@ def main() -> int:
         rows.append((label + f", {steps} step{'s' if steps > 1 else ''}", f"{statistics.median(times):.3f} s",
                      split, f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device == "cuda" else "—"))
 
+    extra: list[str] = []
     with torch.no_grad():
+        prep = editor.prepare(request, EditSettings(sampler="lbm", steps=1, cfg_scale=1.0))
+        extra.append(f"Text tokens into the DiT: {prep.prompt_emb.shape[1]} "
+                     f"(tokenizer: {'tiny' if a.tiny else tokenizer_choice(a.tokenizer)}).")
+        if a.profile_prepare:
+            extra += profile_prepare(editor, request, device, a.repeats)
         for steps in (1, 4):
             timed_edit(steps, "end-to-end LBM edit, eager")
         if not a.skip_compile:
@@ -149,13 +161,70 @@ def main() -> int:
             for steps in (1, 4):
                 timed_edit(steps, "end-to-end LBM edit, compiled blocks + fp8 linears" if not a.skip_compile
                            else "end-to-end LBM edit, eager + fp8 linears")
+            if a.ste_all_rows:  # before: the STE computed every token's gate and the DiT kept the sub tokens' ones
+                from diffsynth_edit.ste import straight_through_gate
+
+                def all_rows(self, h, block_index, rows=slice(None)):
+                    return straight_through_gate(self.logits(h, block_index))[:, rows]
+
+                original, STE.forward = STE.forward, all_rows
+                timed_edit(4, "same, STE gate computed for every token (before)")
+                STE.forward = original
 
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² source with a {box}² mask box (sub stream), bf16; "
              f"median of {a.repeats}", "",
              "| case | time | prepare / DiT steps / decode (s) | peak GiB |", "| --- | --- | --- | --- |"]
     lines += [f"| {r[0]} | {r[1]} | {r[2] if len(r) == 4 else ''} | {r[-1]} |" for r in rows]
+    lines += ["", *extra]
     write_report("\n".join(lines), "lbm.md")
     return 0
+
+
+def profile_prepare(editor, request, device: str, repeats: int) -> list[str]:
+    """`Editor.prepare` timed with and without the VAE side stream, and one profiled call's op table."""
+    from diffsynth_edit.editor import EditSettings
+
+    settings = EditSettings(sampler="lbm", steps=1, cfg_scale=1.0)
+
+    def timed(fn):
+        times = []
+        for _ in range(repeats + 1):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:]) * 1e3
+
+    from diffsynth_edit import encoding
+
+    pipe, image = editor.pipe, request.image.convert("RGB")
+    vl_image = encoding._embedder().resize_image(image)
+    text = encoding._TEMPLATE.format(encoding._IMAGE_TEMPLATE.format(1) + request.prompt)
+    parts = {"VAE encode of the source": lambda: encoding.vae_encode(pipe, [image]),
+             "encode_prompt (processor + text encoder)": lambda: encoding.encode_prompt(pipe, request.prompt, [image]),
+             "of which the processor (CPU)": lambda: pipe.processor(text=[text], images=[vl_image], padding=True,
+                                                                      return_tensors="pt")}
+    part_ms = {k: timed(fn) for k, fn in parts.items()}
+    with_side = timed(lambda: editor.prepare(request, settings))
+    editor._vae_stream = lambda: None
+    without_side = timed(lambda: editor.prepare(request, settings))
+    del editor._vae_stream
+    lines = ["", f"`Editor.prepare` (median of {repeats}): {with_side:.1f} ms with the VAE on a side stream, "
+                 f"{without_side:.1f} ms without; parts alone: "
+                 + ", ".join(f"{k} {v:.1f} ms" for k, v in part_ms.items()) + ".", ""]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        editor.prepare(request, settings)
+        sync(device)
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70)
+    lines += ["One prepare, ops by CPU total:", "", "```", table, "```"]
+    if device == "cuda":
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70)
+        lines += ["", "By device time:", "", "```", table, "```"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from diffsynth_edit import bridge_dit
 from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward, swapped_sub_freqs
-from diffsynth_edit.ste import STE
+from diffsynth_edit.ste import STE, STEEncoderLayer
 
 TEXT_DIM = 64
 
@@ -473,6 +473,33 @@ def test_ste_train_and_eval_agree_no_dropout(dit):
     for x, x2, y in zip(a, a2, b):
         assert x.shape == (2, 40)
         assert torch.equal(x, x2) and torch.equal(x, y)
+
+
+def test_ste_rows_equal_full_logits_and_gradients(dit):
+    """The DiT asks only for the sub tokens' gates: restricting the queries to those rows gives the same logits and,
+    for a loss on those rows, the same parameter gradients (also with a second encoder layer, which must then see
+    all tokens)."""
+    h = torch.randn(2, 40, dit.img_in.out_features, generator=torch.Generator().manual_seed(5))
+    rows = slice(25, 37)
+    for extra_layer in (False, True):
+        ste = _random_ste(dit).requires_grad_(True)
+        if extra_layer:
+            enc = ste.ste_blocks[1].encoder
+            enc.layers.append(STEEncoderLayer())
+            torch.nn.init.normal_(enc.layers[1].self_attn.in_proj_weight, std=0.3)
+        full = ste.logits(h, 1)[:, rows]
+        part = ste.logits(h, 1, rows)
+        assert part.shape == (2, 12)
+        torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-6)
+        grads = []
+        for out in (full, part):
+            ste.zero_grad()
+            (out.sin().sum()).backward(retain_graph=True)
+            grads.append({n: p.grad.clone() for n, p in ste.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+        assert torch.equal(ste(h, 1, rows), (part >= 0).float())
 
 
 def test_ste_per_sample_independent(dit):

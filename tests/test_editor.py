@@ -2,6 +2,8 @@
 input conversions and refusals."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -376,3 +378,23 @@ def test_default_settings_valid():
     EditSettings().validate()
     s = EditSettings()
     assert s.sampler == "flow" and s.steps == 40 and s.cfg_scale == 4.0 and s.blend_alpha == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the VAE's side stream exists on CUDA only")
+def test_cuda_side_stream_vae_gives_the_cpu_edit(tiny_sources):
+    """On CUDA the VAE encode runs on a second stream beside the text encoder; the prepared latents and a bridge LBM
+    edit must match the CPU run (fp32), and repeated edits must not read freed memory."""
+    from diffsynth_edit.loading import load_pipeline
+
+    cpu = Editor(load_pipeline(tiny_sources, torch_dtype=torch.float32), variant="2511")
+    gpu = Editor(load_pipeline(tiny_sources, device="cuda", torch_dtype=torch.float32), variant="2511")
+    cpu.ste = cpu.ste_template()
+    gpu.ste = copy.deepcopy(cpu.ste).cuda()
+    settings = EditSettings(sampler="lbm", steps=2, cfg_scale=1.0)
+    want = cpu.edit(_request(), settings)
+    for _ in range(3):
+        got = gpu.edit(_request(), settings)
+        torch.testing.assert_close(got.latents.cpu(), want.latents, rtol=1e-3, atol=1e-3)
+    prep = gpu.prepare(_request(), settings)
+    torch.testing.assert_close(prep.edit_latents[0].cpu(), cpu.prepare(_request(), settings).edit_latents[0],
+                               rtol=1e-4, atol=1e-4)

@@ -132,7 +132,7 @@ def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: 
             if gate_override is not None:
                 gate = torch.full((batch, n_sub), float(gate_override), device=image.device)
             else:
-                gate = ste(image, block_id)[:, n_main:n_noisy]
+                gate = ste(image, block_id, slice(n_main, n_noisy))
             g = gate[..., None, None]
             sub_freqs = own_sub.unsqueeze(0) * g + swapped * (1 - g)
             freqs = torch.cat([head, sub_freqs, tail], dim=1).unsqueeze(1)  # [B, 1, L, D/2, 2]

@@ -37,12 +37,6 @@ def encode_prompt(pipe, prompt: str, images: Sequence[Image.Image]) -> tuple[tor
     return emb, mask
 
 
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """[3, H, W] in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
-    return arr.permute(2, 0, 1) / 127.5 - 1.0
-
-
 @torch.no_grad()
 def vae_encode(pipe, images: Sequence[Image.Image]) -> list[torch.Tensor]:
     """Latents [1, 16, H/8, W/8] per image; images of the same size are encoded in one batch."""
@@ -51,8 +45,7 @@ def vae_encode(pipe, images: Sequence[Image.Image]) -> list[torch.Tensor]:
     for i, im in enumerate(images):
         groups.setdefault(im.size, []).append(i)
     for idx in groups.values():
-        batch = torch.stack([image_to_tensor(images[i]) for i in idx]).to(device=pipe.device, dtype=pipe.torch_dtype)
-        lat = pipe.vae.encode(batch)
+        lat = vae_encode_uint8(pipe, [image_to_uint8(images[i]) for i in idx])  # converted on the device
         for j, i in enumerate(idx):
             out[i] = lat[j:j + 1]
     return out  # type: ignore[return-value]
@@ -313,7 +306,7 @@ def image_to_uint8(image: Image.Image, pin: bool = False) -> torch.Tensor:
 @torch.no_grad()
 def vae_encode_uint8(pipe, images: Sequence[torch.Tensor]) -> torch.Tensor:
     """`vae_encode` of same-size images given as `image_to_uint8` tensors, in one batch: [B, 16, H/8, W/8]. The
-    uint8 pixels are copied to the device (non-blocking) and converted there with `image_to_tensor`'s arithmetic."""
+    uint8 pixels are copied to the device (non-blocking) and converted there to [-1, 1] (x / 127.5 - 1)."""
     x = torch.stack([t.to(pipe.device, non_blocking=True) for t in images]) if len(images) > 1 else \
         images[0].to(pipe.device, non_blocking=True)[None]
     x = (x.float() / 127.5 - 1.0).to(dtype=pipe.torch_dtype)
