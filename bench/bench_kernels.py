@@ -50,6 +50,9 @@ def main() -> int:
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--skip-te", action="store_true")
     p.add_argument("--skip-sdpa", action="store_true")
+    p.add_argument("--vae-variants", action="store_true",
+                   help="single-frame VAE encode: + channels_last, + torch.compile, and a kernel table")
+    p.add_argument("--te-compile", action="store_true", help="text encoder breakdown also with compiled layers")
     p.add_argument("--profile", action="store_true", help="CUDA kernel table of one eager forward")
     a = p.parse_args()
     device = "cpu" if a.tiny else "cuda"
@@ -87,6 +90,8 @@ def main() -> int:
                 t_fast, img2 = timed(lambda: fast.decode(z), device, 2, a.repeats)
                 lines.append(f"| decode 1×{s}² | {t_ref * 1e3:.1f} ms | {t_fast * 1e3:.1f} ms | "
                              f"{t_ref / t_fast:.2f}x | {(img - img2).abs().max().item():.2e} |")
+        if a.vae_variants:
+            lines += vae_variants(fast, device, dtype, size, a.repeats)
         del ref, fast
         lines.append("")
 
@@ -190,6 +195,53 @@ def main() -> int:
     write_report("\n".join(lines), "kernels.md")
 
 
+def vae_variants(vae, device: str, dtype: torch.dtype, size: int, repeats: int) -> list[str]:
+    """The single-frame VAE encode of 1 and 4 images: as is, with channels_last weights and input, compiled."""
+    g = torch.Generator(device=device).manual_seed(1)
+    xs = {b: (torch.rand(b, 3, size, size, generator=g, device=device) * 2 - 1).to(dtype) for b in (1, 4)}
+    lines = ["", "| single-frame encode variant | 1 image | 4 images | max abs diff vs plain |", "| --- | ---: | ---: | ---: |"]
+    with torch.no_grad():
+        want = {b: vae.encode(x) for b, x in xs.items()}
+        base = {b: timed(lambda: vae.encode(x), device, 2, repeats)[0] for b, x in xs.items()}
+        lines.append(f"| plain | {base[1] * 1e3:.1f} ms | {base[4] * 1e3:.1f} ms | 0 |")
+        if device == "cuda":
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                vae.encode(xs[1])
+                sync(device)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        for label, make in (("channels_last", lambda: _channels_last(copy.deepcopy(vae))),
+                            ("torch.compile(encoder)", lambda: _compiled_encoder(copy.deepcopy(vae)))):
+            try:
+                v = make()
+                cl = label == "channels_last"
+                fn = (lambda x: v.encode(x.contiguous(memory_format=torch.channels_last))) if cl else v.encode
+                t = {b: timed(lambda: fn(x), device, 3, repeats)[0] for b, x in xs.items()}
+                diff = max((fn(x) - want[b]).abs().max().item() for b, x in xs.items())
+                lines.append(f"| {label} | {t[1] * 1e3:.1f} ms | {t[4] * 1e3:.1f} ms | {diff:.2e} |")
+                del v
+            except Exception as e:  # an experiment: report, do not stop the bench
+                lines.append(f"| {label} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+    if device == "cuda":
+        lines += ["", "Kernels of one plain 1-image encode:", "", "```", table, "```"]
+    return lines
+
+
+def _channels_last(vae):
+    """Conv weights in channels-last layouts (the 2D slice of a 5D channels_last_3d weight is channels_last)."""
+    for p in vae.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        elif p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return vae
+
+
+def _compiled_encoder(vae):
+    vae.encoder.compile()
+    return vae
+
+
 def te_breakdown(a, device: str, dtype: torch.dtype, size: int) -> list[str]:
     """Where a cache sample's prompt encoding goes: CPU processor, vision tower, language model (+ negative tail)."""
     import tempfile
@@ -201,7 +253,7 @@ def te_breakdown(a, device: str, dtype: torch.dtype, size: int) -> list[str]:
     from diffsynth_edit import encoding
 
     pipe = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", device, dtype) if a.tiny else \
-        build_full_pipeline(device, dtype)
+        build_full_pipeline(device, dtype, tokenizer="auto")
     rng = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(size, size, 3, generator=rng) * 255).byte().numpy()) for _ in range(2)]
     prompt = "Picture 1 is the image to modify. Replace the object in the masked region with a red ceramic vase."
@@ -217,12 +269,27 @@ def te_breakdown(a, device: str, dtype: torch.dtype, size: int) -> list[str]:
                                          output_hidden_states=True, return_dict=True), device, 2, a.repeats)
         t_pair, _ = timed(lambda: encoding.encode_prompt_pair(pipe, prompt, images, inputs=inputs), device, 2,
                           a.repeats)
-    return ["", f"(C) prompt encoding of one sample: 2 images of {size}², {len(inputs[0][0])} tokens "
-                f"(vision grid {grid.tolist()})", "", "| part | ms |", "| --- | ---: |",
-            f"| processor (CPU, prompt + negative) | {t_proc * 1e3:.1f} |",
-            f"| vision tower | {t_vis * 1e3:.1f} |", f"| language model, prompt pass | {t_lm * 1e3:.1f} |",
-            f"| encode_prompt_pair (device part, inputs given) | {t_pair * 1e3:.1f} |"]
-    return 0
+    out = ["", f"(C) prompt encoding of one sample: 2 images of {size}², {len(inputs[0][0])} tokens "
+               f"(vision grid {grid.tolist()})", "", "| part | ms |", "| --- | ---: |",
+           f"| processor (CPU, prompt + negative) | {t_proc * 1e3:.1f} |",
+           f"| vision tower | {t_vis * 1e3:.1f} |", f"| language model, prompt pass | {t_lm * 1e3:.1f} |",
+           f"| encode_prompt_pair (device part, inputs given) | {t_pair * 1e3:.1f} |"]
+    if a.te_compile:
+        want = encoding.encode_prompt(pipe, prompt, images[:1])[0]
+        t_one, _ = timed(lambda: encoding.encode_prompt(pipe, prompt, images[:1]), device, 2, a.repeats)
+        try:
+            for block in te.model.visual.blocks:
+                block.compile()
+            for layer in te.model.language_model.layers:
+                layer.compile()
+            got = encoding.encode_prompt(pipe, prompt, images[:1])[0]
+            t_comp, _ = timed(lambda: encoding.encode_prompt(pipe, prompt, images[:1]), device, 2, a.repeats)
+            err = rel_err(got, want)
+            out += [f"| encode_prompt, one image (editor path), eager | {t_one * 1e3:.1f} |",
+                    f"| same, vision blocks + LM layers compiled (rel. err {err:.1e}) | {t_comp * 1e3:.1f} |"]
+        except Exception as e:  # an experiment: report, do not stop the bench
+            out.append(f"| compiled text encoder | failed: {type(e).__name__}: {str(e)[:150]} |")
+    return out
 
 
 if __name__ == "__main__":
