@@ -211,7 +211,9 @@ def vae_variants(vae, device: str, dtype: torch.dtype, size: int, repeats: int) 
                 sync(device)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
         for label, make in (("channels_last", lambda: _channels_last(copy.deepcopy(vae))),
-                            ("torch.compile(encoder)", lambda: _compiled_encoder(copy.deepcopy(vae)))):
+                            ("torch.compile(encoder), static shapes", lambda: _compiled_encoder(copy.deepcopy(vae))),
+                            ("`speedups.compile_vae` (dynamic shapes, as the cache runs it)",
+                             lambda: _compiled_encoder(copy.deepcopy(vae), dynamic=True))):
             try:
                 v = make()
                 cl = label == "channels_last"
@@ -237,8 +239,13 @@ def _channels_last(vae):
     return vae
 
 
-def _compiled_encoder(vae):
-    vae.encoder.compile()
+def _compiled_encoder(vae, dynamic: bool = False):
+    from diffsynth_edit.speedups import compile_vae
+
+    if dynamic:
+        compile_vae(vae, encoder=True)
+    else:
+        vae.encoder.compile()
     return vae
 
 

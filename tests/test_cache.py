@@ -423,3 +423,32 @@ def _file_content(path: Path):
 
     with safe_open(str(path), "pt") as f:
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_compiled_vae_failure_falls_back_to_eager_with_a_message(tiny_pipe, monkeypatch):
+    """A compiler error in the first VAE batch must not end a long cache run: the encoder undoes the compile, says
+    so, and encodes eagerly (same latents)."""
+    from diffsynth_edit import encoding
+    from diffsynth_edit.cache.encode import SampleEncoder
+
+    messages = []
+    enc = SampleEncoder(tiny_pipe, torch.float32, batch_size=2, compile_vae=False, log=messages.append)
+    pixels = [encoding.image_to_uint8(Image.new("RGB", (32, 32), (200, 10, 10)))]
+    want = enc._vae_encode(pixels)
+    enc.compiled_vae = True  # as on CUDA
+    real, calls = encoding.vae_encode_uint8, []
+
+    def flaky(pipe, px):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("inductor: something broke")
+        return real(pipe, px)
+
+    monkeypatch.setattr(encoding, "vae_encode_uint8", flaky)
+    got = enc._vae_encode(pixels)
+    assert torch.equal(got, want) and not enc.compiled_vae and len(calls) == 2
+    assert len(messages) == 1 and "compiled VAE failed (RuntimeError: inductor: something broke)" in messages[0]
+    assert "compile_vae = false" in messages[0]
+    monkeypatch.setattr(encoding, "vae_encode_uint8", lambda *a: (_ for _ in ()).throw(RuntimeError("eager bug")))
+    with pytest.raises(RuntimeError, match="eager bug"):  # eager errors are not swallowed
+        enc._vae_encode(pixels)

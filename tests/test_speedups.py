@@ -63,7 +63,8 @@ def test_vision_attention_in_one_call_equals_per_window(tiny_sources):
     attn = [m for m in model.modules() if isinstance(m, Qwen2_5_VLVisionAttention)]
     assert attn and all(m.forward.__func__ is speedups._vision_attention for m in attn)  # applied by the loader
     # two images of different grids: several windows per image, and a full-attention layer (per image)
-    images = [Image.effect_noise((300, 200), 60).convert("RGB"), Image.effect_noise((256, 256), 40).convert("RGB")]
+    images = [Image.effect_noise((300, 200), 60).convert("RGB"), Image.effect_noise((256, 256), 40).convert("RGB"),
+              Image.effect_noise((256, 256), 50).convert("RGB")]
     _, pv, grid = encoding.prompt_inputs(pipe, ["make it red"], images)
     with torch.no_grad():
         fast = encoding._image_embeds(model, pv, grid)
@@ -72,6 +73,16 @@ def test_vision_attention_in_one_call_equals_per_window(tiny_sources):
         reference = encoding._image_embeds(model, pv, grid)
     assert fast.shape == reference.shape and fast.shape[0] == int(grid.prod(dim=1).sum()) // 4
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_vision_segment_plan_groups_by_length_once_per_tensor():
+    cu = torch.tensor([0, 4, 8, 10, 14, 14], dtype=torch.int32)  # segments 4, 4, 2, 4 and an empty one
+    plan = speedups._segment_plan(cu)
+    assert speedups._segment_plan(cu) is plan  # kept on the tensor: no second host sync
+    by_len = {length: (count, index.tolist()) for length, count, index in plan}
+    assert by_len == {4: (3, [0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13]), 2: (1, [8, 9])}
+    tiled = speedups._segment_plan(torch.tensor([0, 3, 6, 9]))
+    assert tiled == [(3, 3, None)]  # equal segments covering everything: a reshape
 
 
 def test_real_rope_equals_complex_rope():

@@ -79,6 +79,9 @@ class CacheConfig:
                                                         "safety; the rename alone already survives a killed run)"})
     cudnn_benchmark: bool = field(default=False, metadata={"help": "cudnn.benchmark for the VAE (re-tunes for "
                                                                    "every new sub-crop shape: off by default)"})
+    compile_vae: bool = field(default=True, metadata={"help": "torch.compile the VAE encoder on CUDA (~2x faster per "
+                                                               "image after a one-off compile; falls back to eager "
+                                                               "with a message if compiling fails)"})
     prune: bool = field(default=True, metadata={"help": "remove cache files no sample of this dataset maps to"})
     allow_failures: bool = field(default=False, metadata={"help": "exit 0 even when some samples failed"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
@@ -354,6 +357,8 @@ def _process_pool(num_workers: int, processor):
     if _POOL is None:
         atexit.register(lambda: _POOL is not None and _POOL[1].shutdown(wait=True, cancel_futures=True))
     _POOL = (key, pool)
+    for _ in range(num_workers):  # start every worker now (the pool would spawn them one per submit, later)
+        pool.submit(os.getpid)
     return pool
 
 
@@ -407,9 +412,31 @@ def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
 class SampleEncoder:
     """Encodes prepared samples with the shared encoding functions; VAE calls batched over same-shape images."""
 
-    def __init__(self, pipe, dtype: torch.dtype, batch_size: int):
-        self.pipe, self.dtype, self.batch_size = pipe, dtype, batch_size
+    def __init__(self, pipe, dtype: torch.dtype, batch_size: int, compile_vae: bool = False,
+                 log: Callable[[str], None] = print):
+        self.pipe, self.dtype, self.batch_size, self.log = pipe, dtype, batch_size, log
         self._white: dict[tuple[int, int], torch.Tensor] = {}
+        self.compiled_vae = compile_vae and torch.device(pipe.device).type == "cuda"
+        if self.compiled_vae:
+            from ..speedups import compile_vae as compile_
+
+            compile_(pipe.vae, encoder=True)
+
+    def _vae_encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        from ..encoding import vae_encode_uint8
+
+        try:
+            return vae_encode_uint8(self.pipe, pixels)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not end a long run
+            if not self.compiled_vae:
+                raise
+            from ..speedups import uncompile_vae
+
+            uncompile_vae(self.pipe.vae)
+            self.compiled_vae = False
+            self.log(f"compiled VAE failed ({type(e).__name__}: {str(e)[:200]}); continuing eager "
+                     "(set compile_vae = false to skip compiling)")
+            return vae_encode_uint8(self.pipe, pixels)
 
     def white(self, width: int, height: int) -> torch.Tensor:
         """Latents of a white image of this size, computed once per shape and reused."""
@@ -429,7 +456,7 @@ class SampleEncoder:
         images per call (`encoding.vae_encode_uint8` = `encoding.vae_encode` on uint8 input). Prompt and empty
         negative: `encoding.encode_prompt_pairs` (one text-encoder call for all samples; the negative stored as prefix
         length + tail)."""
-        from ..encoding import encode_prompt_pairs, image_to_uint8, prompt_inputs, vae_encode_uint8
+        from ..encoding import encode_prompt_pairs, image_to_uint8, prompt_inputs
 
         out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
         jobs: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
@@ -443,7 +470,7 @@ class SampleEncoder:
         for group in jobs.values():
             for j in range(0, len(group), self.batch_size):
                 chunk = group[j:j + self.batch_size]
-                lat = vae_encode_uint8(self.pipe, [px for _, _, px in chunk])
+                lat = self._vae_encode([px for _, _, px in chunk])
                 lats += [(n, key, lat[i]) for i, (n, key, _) in enumerate(chunk)]
         # one device->host copy per tensor after all VAE calls were queued (no sync between VAE calls)
         for n, key, lat in lats:
@@ -677,9 +704,14 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
     my_failures: list[Failure] = []
     lock = threading.Lock()
     if mine:
+        early_pool = None
         if pipe is None:
             from ..loading import load_pipeline
 
+            if cfg.workers == "process" or (cfg.workers == "auto" and dist.device.startswith("cuda")):
+                # the workers start (spawn + imports, seconds each) while the large models load
+                text_side = load_pipeline(src, components=("tokenizer", "processor"), device="cpu")
+                early_pool = _process_pool(cfg.num_workers, text_side.processor)
             pipe = load_pipeline(src, components=("text_encoder", "vae", "tokenizer", "processor"),
                                  device=dist.device, torch_dtype=TORCH_DTYPES[cfg.dtype])
         elif pipe.torch_dtype != TORCH_DTYPES[cfg.dtype]:
@@ -712,10 +744,10 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                 write_manifest(cache_dir, build_manifest(settings, identity, manifest_entries(recs), complete=False,
                                                          dataset=str(cfg.dataset)))
 
-        encoder = SampleEncoder(pipe, TORCH_DTYPES[cfg.dtype], cfg.batch_size)
+        encoder = SampleEncoder(pipe, TORCH_DTYPES[cfg.dtype], cfg.batch_size, cfg.compile_vae, log)
         writer = _Writer(cache_dir, settings, on_done, dist.rank, fsync=cfg.fsync)
         if use_procs:
-            loader = _process_pool(cfg.num_workers, pipe.processor)
+            loader = early_pool or _process_pool(cfg.num_workers, pipe.processor)
 
             def submit(it: _Item) -> Future:
                 return loader.submit(_prepare_in_worker, it, cfg.max_pixels)
