@@ -333,14 +333,14 @@ def main(argv=None) -> int:
 
     # workspace run_cache end to end (fresh folder each; the models are warm)
     e2e = []
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        cfg_e2e = CacheConfig(dataset=dataset, cache_dir=work / f"cache_e2e_{bs}", dtype=dtype_name,
+    for run, bs in enumerate(int(b) for b in args.batch_sizes.split(",")):
+        cfg_e2e = CacheConfig(dataset=dataset, cache_dir=work / f"cache_e2e_{run}_{bs}", dtype=dtype_name,
                               max_pixels=max_pixels, batch_size=bs, num_workers=args.num_workers,
                               workers=args.workers, fsync=not args.no_fsync, progress=False)
         cfg_e2e.validate()
         # warm-up run on the first sample only: starts the worker processes (kept for the timed run; a real run
         # pays their start, a few seconds, once)
-        warm = CacheConfig(**{**vars(cfg_e2e), "cache_dir": work / f"cache_warm_{bs}", "limit": 1})
+        warm = CacheConfig(**{**vars(cfg_e2e), "cache_dir": work / f"cache_warm_{run}_{bs}", "limit": 1})
         run_cache(warm, pipe=pipe, log=lambda s: None)
         summary = run_cache(cfg_e2e, pipe=pipe, log=lambda s: None)
         e2e.append((cfg_e2e, summary, summary.encoded / summary.encode_seconds,
@@ -380,12 +380,13 @@ def main(argv=None) -> int:
         f"- model build {t_build:.1f} s (not timed above); warm-up sample excluded (run_cache: worker start "
         f"excluded by a 1-sample warm-up run; all N+1 samples timed); torch {torch.__version__}.",
     ]
-    cfg_e2e, summary = e2e[-1][0], e2e[-1][1]
-    k = max(1, summary.encoded)
-    lines += ["", f"run_cache (batch {cfg_e2e.batch_size}) stages, s/sample over {summary.encoded} samples (`prep.*`: worker time, overlapped "
-                  f"with the device loop; `wait for prepared`: the device loop idle, waiting for a sample):", "",
-              "| stage | s/sample |", "| --- | ---: |",
-              *[f"| {name} | {sec / k:.4f} |" for name, sec in summary.stages.items()]]
+    names = list(dict.fromkeys(n for _, summ, _, _ in e2e for n in summ.stages))
+    lines += ["", "run_cache stages, s/sample, one column per run in run order (`prep.*`: worker time, overlapped with "
+                  "the device loop; `wait for prepared`: the device loop idle, waiting for a sample):", "",
+              "| stage | " + " | ".join(f"batch {c.batch_size}" for c, _, _, _ in e2e) + " |",
+              "| --- |" + " ---: |" * len(e2e),
+              *[f"| {n} | " + " | ".join(f"{summ.stages.get(n, 0.0) / max(1, summ.encoded):.4f}"
+                                         for _, summ, _, _ in e2e) + " |" for n in names]]
     table = "\n".join(lines) + profile_text
     print(table)
     if os.environ.get("OUT"):

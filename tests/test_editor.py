@@ -381,9 +381,10 @@ def test_default_settings_valid():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the VAE's side stream exists on CUDA only")
-def test_cuda_side_stream_vae_gives_the_cpu_edit(tiny_sources):
-    """On CUDA the VAE encode runs on a second stream beside the text encoder; the prepared latents and a bridge LBM
-    edit must match the CPU run (fp32), and repeated edits must not read freed memory."""
+def test_cuda_side_stream_vae_gives_the_same_edit(tiny_sources):
+    """On CUDA the VAE encode runs on a second stream beside the text encoder: the prepared latents and a bridge LBM
+    edit must equal the same editor's run without the side stream (same kernels), repeatedly (no read of freed or
+    unfinished memory), and agree with the CPU run up to TF32/kernel differences."""
     from diffsynth_edit.loading import load_pipeline
 
     cpu = Editor(load_pipeline(tiny_sources, torch_dtype=torch.float32), variant="2511")
@@ -391,10 +392,11 @@ def test_cuda_side_stream_vae_gives_the_cpu_edit(tiny_sources):
     cpu.ste = cpu.ste_template()
     gpu.ste = copy.deepcopy(cpu.ste).cuda()
     settings = EditSettings(sampler="lbm", steps=2, cfg_scale=1.0)
-    want = cpu.edit(_request(), settings)
-    for _ in range(3):
-        got = gpu.edit(_request(), settings)
-        torch.testing.assert_close(got.latents.cpu(), want.latents, rtol=1e-3, atol=1e-3)
-    prep = gpu.prepare(_request(), settings)
-    torch.testing.assert_close(prep.edit_latents[0].cpu(), cpu.prepare(_request(), settings).edit_latents[0],
-                               rtol=1e-4, atol=1e-4)
+    side = [gpu.edit(_request(), settings).latents.cpu() for _ in range(3)]
+    assert gpu._vae_stream() is not None
+    gpu._vae_stream = lambda: None
+    plain = gpu.edit(_request(), settings).latents.cpu()
+    for latents in side:
+        torch.testing.assert_close(latents, plain, rtol=1e-6, atol=1e-6)
+    want = cpu.edit(_request(), settings).latents
+    torch.testing.assert_close(plain, want, rtol=2e-2, atol=2e-2)
