@@ -238,6 +238,8 @@ def main(argv=None) -> int:
                     help="run_cache image preparation: worker processes or threads (auto: processes on CUDA)")
     ap.add_argument("--num-workers", type=int, default=4)
     ap.add_argument("--batch-sizes", default="4", help="run_cache batch sizes to time, comma-separated (e.g. 4,8,16)")
+    ap.add_argument("--fresh-data", action="store_true",
+                    help="each run_cache run on its own samples (other seeds: other mask boxes, so other crop shapes)")
     ap.add_argument("--no-fsync", action="store_true", help="run_cache without fsync per file")
     ap.add_argument("--skip-upstream", action="store_true", help="only the workspace paths")
     ap.add_argument("--profile", action="store_true", help="kernel/op table of one SampleEncoder.encode of 4 samples")
@@ -334,7 +336,8 @@ def main(argv=None) -> int:
     # workspace run_cache end to end (fresh folder each; the models are warm)
     e2e = []
     for run, bs in enumerate(int(b) for b in args.batch_sizes.split(",")):
-        cfg_e2e = CacheConfig(dataset=dataset, cache_dir=work / f"cache_e2e_{run}_{bs}", dtype=dtype_name,
+        run_data = make_samples(work / f"data_{run}", n + 1, size, seed=100 + run) if args.fresh_data and run else dataset
+        cfg_e2e = CacheConfig(dataset=run_data, cache_dir=work / f"cache_e2e_{run}_{bs}", dtype=dtype_name,
                               max_pixels=max_pixels, batch_size=bs, num_workers=args.num_workers,
                               workers=args.workers, fsync=not args.no_fsync, progress=False)
         cfg_e2e.validate()

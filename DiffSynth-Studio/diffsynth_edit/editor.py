@@ -26,7 +26,7 @@ from .encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode
 from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
 from .sampling import euler_step, flow_sigmas, lbm_grid
-from .speedups import compile_vae, quantize_dit_fp8
+from .speedups import quantize_dit_fp8
 from .ste import STE
 from .variants import get_variant
 
@@ -287,8 +287,9 @@ class Editor:
     # ---- speed ---------------------------------------------------------------------------------------------------
     def speed_up(self, compile_blocks: bool = False, fp8: bool = False) -> None:
         """Opt-in, CUDA: `fp8` runs the DiT blocks' linears as fp8 matmuls (approximate; a hot-loaded LoRA stays
-        bf16); `compile_blocks` compiles each DiT block and the VAE decoder with torch.compile (the first edit at a
-        new size compiles, about a minute for the full model)."""
+        bf16); `compile_blocks` compiles each DiT block with torch.compile (the first edit at a new size compiles,
+        about a minute for the full model). The VAE is left eager: compiled, it recompiles for most new image
+        sizes (see `speedups.compile_vae`), and every mask box gives the sub stream a new size."""
         if fp8 and not self.fp8:
             quantize_dit_fp8(self.pipe.dit)
             self.fp8 = True
@@ -296,7 +297,6 @@ class Editor:
             for block in self.pipe.dit.transformer_blocks:
                 block.compile()
             self._compile_ste()
-            compile_vae(self.pipe.vae, encoder=False, decoder=True)
             self.compiled = True
 
     def _compile_ste(self) -> None:

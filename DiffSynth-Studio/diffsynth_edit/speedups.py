@@ -146,9 +146,13 @@ def exact_speedups(pipe) -> None:
 
 # ---- compiled VAE ----------------------------------------------------------------------------------------------
 def compile_vae(vae: torch.nn.Module, encoder: bool = True, decoder: bool = False) -> None:
-    """torch.compile the VAE's encoder and/or decoder in place, with dynamic shapes (one compile serves every image
-    size). Inductor fuses the norms, activations and residual adds around cuDNN's convolutions: a 1024² encode
-    2.2x faster on an H100 (bench/RESULTS.md); numbers differ at bf16 rounding level. `uncompile_vae` undoes it."""
+    """torch.compile the VAE's encoder and/or decoder in place (dynamic shapes). Inductor fuses the norms,
+    activations and residual adds around cuDNN's convolutions: a 1024² encode 2.2x faster on an H100
+    (bench/RESULTS.md); numbers differ at bf16 rounding level. `uncompile_vae` undoes it.
+
+    Caveat (measured): dynamic shapes do not make one graph serve all sizes. The down-sampling stages guard on the
+    sizes' divisibility, so most new image sizes compile again (10 sizes gave 7 graphs in a CPU check; seconds
+    each, and eager after torch's recompile limit). Worth it only where few image sizes recur."""
     for on, module in ((encoder, vae.encoder), (decoder, vae.decoder)):
         if on:
             module.compile(dynamic=True)

@@ -79,9 +79,11 @@ class CacheConfig:
                                                         "safety; the rename alone already survives a killed run)"})
     cudnn_benchmark: bool = field(default=False, metadata={"help": "cudnn.benchmark for the VAE (re-tunes for "
                                                                    "every new sub-crop shape: off by default)"})
-    compile_vae: bool = field(default=True, metadata={"help": "torch.compile the VAE encoder on CUDA (~2x faster per "
-                                                               "image after a one-off compile; falls back to eager "
-                                                               "with a message if compiling fails)"})
+    compile_vae: bool = field(default=False, metadata={"help": "torch.compile the VAE encoder on CUDA (~2x faster "
+                                                                "per image, but most new image or sub-crop sizes "
+                                                                "compile again: only for datasets of few sizes; "
+                                                                "falls back to eager with a message if compiling "
+                                                                "fails)"})
     prune: bool = field(default=True, metadata={"help": "remove cache files no sample of this dataset maps to"})
     allow_failures: bool = field(default=False, metadata={"help": "exit 0 even when some samples failed"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
