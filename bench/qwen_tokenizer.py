@@ -29,18 +29,6 @@ def qwen_tiktoken_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def _vocab_and_merges(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """tiktoken ranks -> (byte-level vocab, merges ordered by the merged token's rank): tiktoken's BPE always merges
     the adjacent pair whose merged token has the lowest rank, so every split of a token into two known tokens is a
@@ -50,7 +38,9 @@ def _vocab_and_merges(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    table = _bytes_to_unicode()
+    from diffsynth_edit.tiny import _bytes_to_unicode
+
+    table = _bytes_to_unicode()  # byte value -> its byte-level BPE symbol
 
     def sym(b: bytes) -> str:
         return "".join(table[x] for x in b)
