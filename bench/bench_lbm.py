@@ -184,19 +184,13 @@ def profile_prepare(editor, request, device: str, repeats: int) -> list[str]:
     """`Editor.prepare` timed with and without the VAE side stream, and one profiled call's op table."""
     from diffsynth_edit.editor import EditSettings
 
+    from bench_kernels import timed as timed_median
+    from diffsynth_edit import encoding
+
     settings = EditSettings(sampler="lbm", steps=1, cfg_scale=1.0)
 
-    def timed(fn):
-        times = []
-        for _ in range(repeats + 1):
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:]) * 1e3
-
-    from diffsynth_edit import encoding
+    def timed(fn) -> float:  # ms, median of `repeats` after one warm-up
+        return timed_median(fn, device, 1, repeats)[0] * 1e3
 
     pipe, image = editor.pipe, request.image.convert("RGB")
     vl_image = encoding._embedder().resize_image(image)

@@ -168,6 +168,7 @@ class Editor:
         self._fused = False
         self.fp8 = False
         self.compiled = False
+        self._side_stream: torch.cuda.Stream | None = None  # made on the first CUDA prepare (`_vae_stream`)
         if hot_swap:
             pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
 
@@ -273,9 +274,9 @@ class Editor:
         device = torch.device(self.pipe.device)
         if device.type != "cuda":
             return None
-        if "_stream" not in self.__dict__:
-            self._stream = torch.cuda.Stream(device)
-        return self._stream
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device)
+        return self._side_stream
 
     def white_latents(self, width: int, height: int) -> torch.Tensor:
         """VAE latents of a white image (the LBM sub-stream start), computed once per size."""

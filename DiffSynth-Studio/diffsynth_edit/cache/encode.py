@@ -324,6 +324,11 @@ def prepare_sample(item: _Item, max_pixels: int, pipe=None, pin: bool = False) -
     return prepared
 
 
+def _use_processes(cfg: CacheConfig, device) -> bool:
+    """Image preparation in worker processes: asked for, or `auto` on CUDA."""
+    return cfg.workers == "process" or (cfg.workers == "auto" and torch.device(device).type == "cuda")
+
+
 # ---- worker processes ------------------------------------------------------------------------------------------------
 _WORKER_PIPE: Any = None
 
@@ -706,16 +711,19 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
     my_failures: list[Failure] = []
     lock = threading.Lock()
     if mine:
-        early_pool = None
         if pipe is None:
             from ..loading import load_pipeline
 
-            if cfg.workers == "process" or (cfg.workers == "auto" and dist.device.startswith("cuda")):
-                # the workers start (spawn + imports, seconds each) while the large models load
-                text_side = load_pipeline(src, components=("tokenizer", "processor"), device="cpu")
-                early_pool = _process_pool(cfg.num_workers, text_side.processor)
-            pipe = load_pipeline(src, components=("text_encoder", "vae", "tokenizer", "processor"),
+            processor = None
+            if _use_processes(cfg, dist.device):
+                # the workers start (spawn + imports, seconds each) while the large models load; the pipeline
+                # gets the same processor, so the later `_process_pool` call returns this pool
+                processor = load_pipeline(src, components=("processor",), device="cpu").processor
+                _process_pool(cfg.num_workers, processor)
+            pipe = load_pipeline(src, components=("text_encoder", "vae", "tokenizer") + (() if processor else
+                                                                                        ("processor",)),
                                  device=dist.device, torch_dtype=TORCH_DTYPES[cfg.dtype])
+            pipe.processor = processor or pipe.processor
         elif pipe.torch_dtype != TORCH_DTYPES[cfg.dtype]:
             raise CacheRunError(f"the given pipeline is {pipe.torch_dtype}, the config asks for {cfg.dtype}")
         from tqdm.auto import tqdm
@@ -724,7 +732,7 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
         if on_cuda and cfg.cudnn_benchmark:
             # tunes once per input shape: pays off only where few shapes recur (sub crops vary per sample)
             torch.backends.cudnn.benchmark = True
-        use_procs = cfg.workers == "process" or (cfg.workers == "auto" and on_cuda)
+        use_procs = _use_processes(cfg, pipe.device)
         t_enc = time.perf_counter()  # after loading: the rate is the encoding rate
 
         bar = tqdm(total=len(mine), unit="sample", desc=f"cache {cache_dir.name}" + (
@@ -749,7 +757,7 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
         encoder = SampleEncoder(pipe, TORCH_DTYPES[cfg.dtype], cfg.batch_size, cfg.compile_vae, log)
         writer = _Writer(cache_dir, settings, on_done, dist.rank, fsync=cfg.fsync)
         if use_procs:
-            loader = early_pool or _process_pool(cfg.num_workers, pipe.processor)
+            loader = _process_pool(cfg.num_workers, pipe.processor)
 
             def submit(it: _Item) -> Future:
                 return loader.submit(_prepare_in_worker, it, cfg.max_pixels)
