@@ -161,6 +161,16 @@ def _scene(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
+# Instructions in real edit datasets differ in length; padded batches then meet new token lengths.
+_DETAILS = ["Keep the lighting of the room and the shadows on the table unchanged.",
+            "The vase should be slightly transparent with visible water inside.",
+            "Use warm colours for the flowers, mostly orange and yellow tulips.",
+            "Do not change anything outside the marked region.",
+            "Match the perspective and the scale of the surrounding objects.",
+            "Add a soft reflection of the window on the glass.",
+            "The stems should be visible through the glass and slightly bent."]
+
+
 def make_samples(root: Path, n: int, size: int, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -176,8 +186,9 @@ def make_samples(root: Path, n: int, size: int, seed: int = 0) -> Path:
         names = {k: f"{k}_{i:03d}.png" for k in ("source", "target", "ref", "mask")}
         for k, im in (("source", src), ("target", tgt), ("ref", ref), ("mask", mask)):
             im.save(root / names[k], compress_level=1)
+        extra = " ".join(_DETAILS[j] for j in rng.permutation(len(_DETAILS))[:int(rng.integers(0, len(_DETAILS) + 1))])
         entries.append({"prompt": f"Picture 1 is the image to modify. Replace the object in the marked region with "
-                                  f"a glass vase of flowers that matches picture 2, sample {i}.",
+                                  f"a glass vase of flowers that matches picture 2, sample {i}. {extra}".strip(),
                         "image": names["target"], "edit_image": [names["source"], names["ref"]],
                         "back_mask": names["mask"], "id": f"b{i:03d}", "edit_type": "replace"})
     path = root / "dataset.json"
@@ -226,6 +237,77 @@ def workspace_sample(pipe, item, encoder, writer, settings_fp: str, max_pixels: 
     return time.perf_counter() - t0
 
 
+class DeviceTrace:
+    """`--trace`: every VAE call, white-image encode and text-encoder call of `SampleEncoder`, synchronised and timed,
+    with its input shape and whether the process had seen that shape before (new shapes are what a first run pays
+    for)."""
+
+    def __init__(self, device: str):
+        self.device, self.calls, self.seen = device, [], set()
+        import diffsynth_edit.encoding as encoding
+        from diffsynth_edit.cache.encode import SampleEncoder
+
+        trace = self
+        vae_encode, pairs = SampleEncoder._vae_encode, encoding.encode_prompt_pairs
+
+        def timed_call(kind, shape, fn, *a):
+            _sync(trace.device)
+            t = time.perf_counter()
+            out = fn(*a)
+            _sync(trace.device)
+            key = (kind, shape)
+            trace.calls.append((kind, shape, key not in trace.seen, time.perf_counter() - t, t))
+            trace.seen.add(key)
+            return out
+
+        def traced_vae(enc, pixels):
+            return timed_call("vae", (len(pixels), *pixels[0].shape[1:]), vae_encode, enc, pixels)
+
+        def traced_pairs(pipe, inputs):
+            rows = [t for x in inputs for t in x[0][:2]]
+            n_img = sum(0 if x[2] is None else len(x[2]) for x in inputs)
+            return timed_call("text", (len(rows), max(len(t) for t in rows), n_img), pairs, pipe, inputs)
+
+        SampleEncoder._vae_encode = traced_vae
+        encoding.encode_prompt_pairs = traced_pairs
+
+    def take(self) -> list:
+        calls, self.calls = self.calls, []
+        return calls
+
+    @staticmethod
+    def gaps(runs: list[tuple[str, float, float, list]], min_gap: float = 0.5) -> list[str]:
+        """Where the device loop did no device work for `min_gap` s or more: run start -> first call, between calls,
+        last call -> run end (times from the run's start)."""
+        lines = ["", f"Device-idle gaps of {min_gap} s or more per run (s from the run's start: gap):", ""]
+        for label, t0, t1, calls in runs:
+            marks = [(t0, t0)] + [(c[4], c[4] + c[3]) for c in calls] + [(t1, t1)]
+            gaps = [(a_end - t0, b_start - a_end) for (_, a_end), (b_start, _) in zip(marks, marks[1:])
+                    if b_start - a_end >= min_gap]
+            lines.append(f"- {label}: {t1 - t0:.1f} s, {sum(c[3] for c in calls):.1f} s in device calls; gaps: "
+                         + (", ".join(f"at {a:.1f}: {g:.1f}" for a, g in gaps) or "none"))
+        return lines
+
+    @staticmethod
+    def table(runs: list[tuple[str, list]]) -> list[str]:
+        lines = ["", "Device calls per run (`--trace`; synchronised; 'new': first call at that input shape in the "
+                     "process):", "", "| run | kind | calls | new shapes | s in new-shape calls | s in seen-shape calls "
+                     "| median new | median seen | slowest call |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | "
+                     "---: | --- |"]
+        med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+        for label, calls in runs:
+            for kind in ("vae", "text"):
+                cs = [c for c in calls if c[0] == kind]
+                if not cs:
+                    continue
+                new = [c[3] for c in cs if c[2]]
+                old = [c[3] for c in cs if not c[2]]
+                worst = max(cs, key=lambda c: c[3])
+                lines.append(f"| {label} | {kind} | {len(cs)} | {len(new)} | {sum(new):.2f} | {sum(old):.2f} | "
+                             f"{med(new):.3f} | {med(old):.3f} | {worst[3]:.3f} s at {worst[1]} |")
+        return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke test)")
@@ -243,6 +325,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fsync", action="store_true", help="run_cache without fsync per file")
     ap.add_argument("--skip-upstream", action="store_true", help="only the workspace paths")
     ap.add_argument("--profile", action="store_true", help="kernel/op table of one SampleEncoder.encode of 4 samples")
+    ap.add_argument("--trace", action="store_true", help="time every device call of run_cache (synchronised: "
+                    "slower), with its shape and whether the shape was new in the process")
+    ap.add_argument("--skip-sequential", action="store_true", help="no one-sample-at-a-time workspace path")
+    ap.add_argument("--no-cudnn-sdp", action="store_true", help="torch.backends.cuda.enable_cudnn_sdp(False)")
     ap.add_argument("--tokenizer", default="auto", choices=("auto", "qwen", "bytes"),
                     help="qwen: Qwen's real BPE ranks (bench/fetch_qwen_tokenizer.sh); bytes: the tiny byte-level "
                          "tokenizer (~3-4x the real text token counts); auto: qwen if fetched")
@@ -297,6 +383,8 @@ def main(argv=None) -> int:
 
     exact_speedups(pipe)
 
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     # workspace, sequential
     cfg = CacheConfig(dataset=dataset, cache_dir=work / "cache_seq", dtype=dtype_name, max_pixels=max_pixels,
                       progress=False)
@@ -308,12 +396,14 @@ def main(argv=None) -> int:
     writer = _Writer(cfg.cache_dir, settings, lambda item, rec, err: ws_bytes_by_id.__setitem__(
         item.id, rec["bytes"] if rec else -1))
     ws_times = []
-    for i, item in enumerate(items):
+    for i, item in enumerate([] if args.skip_sequential else items):
         t = workspace_sample(pipe, item, encoder, writer, settings.fingerprint(), max_pixels)
         if i > 0:
             ws_times.append(t)
     writer.close()
-    ws_bytes = [ws_bytes_by_id[it.id] for it in items[1:]]
+    encoder.close()
+    ws_bytes = [ws_bytes_by_id[it.id] for it in items[1:]] if ws_times else [0]
+    ws_times = ws_times or [float("nan")]
     profile_text = ""
     if args.profile and device.startswith("cuda"):
         from torch.profiler import ProfilerActivity, profile
@@ -335,8 +425,10 @@ def main(argv=None) -> int:
 
     # workspace run_cache end to end (fresh folder each; the models are warm)
     e2e = []
+    trace = DeviceTrace(device) if args.trace else None
+    traced_runs = []
     for run, bs in enumerate(int(b) for b in args.batch_sizes.split(",")):
-        run_data = make_samples(work / f"data_{run}", n + 1, size, seed=100 + run) if args.fresh_data and run else dataset
+        run_data = make_samples(work / f"data_{run}", n + 1, size, seed=1000 * run) if args.fresh_data and run else dataset
         cfg_e2e = CacheConfig(dataset=run_data, cache_dir=work / f"cache_e2e_{run}_{bs}", dtype=dtype_name,
                               max_pixels=max_pixels, batch_size=bs, num_workers=args.num_workers,
                               workers=args.workers, fsync=not args.no_fsync, progress=False)
@@ -345,7 +437,13 @@ def main(argv=None) -> int:
         # pays their start, a few seconds, once)
         warm = CacheConfig(**{**vars(cfg_e2e), "cache_dir": work / f"cache_warm_{run}_{bs}", "limit": 1})
         run_cache(warm, pipe=pipe, log=lambda s: None)
+        if trace:
+            trace.take()  # the warm-up's calls
+        t_run = time.perf_counter()
         summary = run_cache(cfg_e2e, pipe=pipe, log=lambda s: None)
+        if trace:
+            traced_runs.append((f"{run} (batch {bs}{', fresh data' if run_data is not dataset else ''})",
+                                t_run, time.perf_counter(), trace.take()))
         e2e.append((cfg_e2e, summary, summary.encoded / summary.encode_seconds,
                     summary.bytes_on_disk / max(1, summary.encoded)))
 
@@ -390,6 +488,8 @@ def main(argv=None) -> int:
               "| --- |" + " ---: |" * len(e2e),
               *[f"| {n} | " + " | ".join(f"{summ.stages.get(n, 0.0) / max(1, summ.encoded):.4f}"
                                          for _, summ, _, _ in e2e) + " |" for n in names]]
+    if trace:
+        lines += DeviceTrace.table([(r[0], r[3]) for r in traced_runs]) + DeviceTrace.gaps(traced_runs)
     table = "\n".join(lines) + profile_text
     print(table)
     if os.environ.get("OUT"):

@@ -452,3 +452,70 @@ def test_compiled_vae_failure_falls_back_to_eager_with_a_message(tiny_pipe, monk
     monkeypatch.setattr(encoding, "vae_encode_uint8", lambda *a: (_ for _ in ()).throw(RuntimeError("eager bug")))
     with pytest.raises(RuntimeError, match="eager bug"):  # eager errors are not swallowed
         enc._vae_encode(pixels)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the side stream exists on CUDA only"))])
+def test_side_thread_sub_crops_equal_inline_encoding(tiny_sources, tmp_path, device):
+    """Sub crops encoded by the side thread (on CUDA: on its own stream, the default there) give bit-identical
+    entries to encoding them inline; same-size crops are batched; an error in the side thread reaches the caller."""
+    from diffsynth_edit.cache.encode import CacheConfig, SampleEncoder, load_items, prepare_sample
+    from diffsynth_edit.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_sources, device=device, torch_dtype=torch.float32)
+    data = tmp_path / "data"
+    data.mkdir()
+    dataset = write_dataset(data, [
+        make_sample(data, "a", 64, 64, 1, mask_box=(8, 24, 20, 44), ref_size=(48, 32)),
+        make_sample(data, "b", 64, 64, 2, mask_box=(30, 46, 4, 28)),  # same crop size as "a": one batch
+        make_sample(data, "c", 64, 64, 3, mask_box=(10, 50, 8, 30)),
+        make_sample(data, "d", 64, 64, 4),  # no mask: the whole image is the crop
+    ])
+    cfg = CacheConfig(dataset=dataset, max_pixels=64 * 64)
+    prepared = [prepare_sample(it, cfg.max_pixels, pipe) for it in load_items(cfg)]
+    inline = SampleEncoder(pipe, torch.float32, batch_size=2, side_thread=False)
+    side = SampleEncoder(pipe, torch.float32, batch_size=2, side_thread=True if device == "cpu" else None)
+    assert inline._side_pool is None and side._side_pool is not None
+    assert (side._side_stream is not None) == (device == "cuda")
+    try:
+        want, got = inline.encode(prepared), side.encode(prepared)
+        assert [sorted(w) for w in want] == [sorted(g) for g in got]
+        for w, g in zip(want, got):
+            for k in w:
+                assert g[k].device.type == "cpu" and torch.equal(w[k], g[k]), k
+        assert got[0]["sub_input_latents"].shape == got[1]["sub_input_latents"].shape != got[2]["sub_input_latents"].shape
+        assert got[3]["sub_input_latents"].shape == got[3]["input_latents"].shape
+        for g in got:
+            assert g["sub_noise"].shape == g["sub_input_latents"].shape
+
+        def broken(samples):
+            raise RuntimeError("side thread failed")
+
+        side._encode_subs = broken
+        with pytest.raises(RuntimeError, match="side thread failed"):
+            side.encode(prepared)
+    finally:
+        inline.close()
+        side.close()
+
+
+def test_worker_pool_starts_every_worker_at_once(tiny_pipe):
+    """All workers start when the pool is made, even with a processor of megabytes (spawn would block the parent
+    once per worker, and the executor would start the missing ones during a run); the processor file goes away with
+    the pool."""
+    import copy
+
+    from diffsynth_edit.cache import encode
+
+    processor = copy.copy(tiny_pipe.processor)
+    processor.ballast = bytes(4_000_000)  # the real Qwen processor pickles to several MB
+    pool = encode._process_pool(3, processor)
+    folder = encode._POOL[2]
+    try:
+        assert len(pool._processes) == 3
+        assert (folder / "processor.pkl").stat().st_size > 4_000_000
+        assert pool.submit(os.getpid).result(timeout=300) != os.getpid()
+        assert encode._process_pool(3, processor) is pool  # kept for the next run of this process
+    finally:
+        encode._shutdown_pool()
+    assert encode._POOL is None and not folder.exists()

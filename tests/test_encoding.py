@@ -91,3 +91,32 @@ def test_encode_prompt_pairs_batches_samples_with_their_own_images(tiny_pipe):
     # the first sample alone gives the same result: batching does not leak other samples' images into its rows
     alone = encode_prompt_pairs(tiny_pipe, [prompt_inputs(tiny_pipe, [samples[0][0], ""], samples[0][1])])[0]
     torch.testing.assert_close(alone.emb, pairs[0].emb, atol=1e-5, rtol=1e-5)
+
+
+def test_text_encoder_runs_attention_without_cudnn(tiny_pipe, monkeypatch):
+    """Every prompt-encoding path (one prompt, a pair on a KV cache, a batch of prompts, a padded batch of pairs)
+    runs the text encoder with cuDNN's attention switched off (it builds a plan per new length); the backends are
+    as before once the call returns, also after an error."""
+    from diffsynth_edit.encoding import (encode_prompt, encode_prompt_pair, encode_prompt_pairs, encode_prompts,
+                                         prompt_inputs)
+
+    model, seen = tiny_pipe.text_encoder.model, []
+    real_forward = model.forward
+
+    def recording(*a, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real_forward(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", recording)
+    ims = _images(1)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    encode_prompt(tiny_pipe, "one prompt", ims)
+    encode_prompt_pair(tiny_pipe, "a prompt and its negative", ims)
+    encode_prompts(tiny_pipe, ["same", "same"], ims)
+    encode_prompt_pairs(tiny_pipe, [prompt_inputs(tiny_pipe, ["a long prompt " * 5, ""], ims)])
+    assert len(seen) >= 4 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        encode_prompt(tiny_pipe, "one prompt", ims)
+    assert torch.backends.cuda.cudnn_sdp_enabled()

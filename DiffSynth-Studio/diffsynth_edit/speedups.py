@@ -11,13 +11,16 @@
   length form one batched SDPA call (typically 1-3 calls per layer) and the grouping is computed once per forward.
   Same attention, a few launches instead of hundreds, and no quadratic mask when many images share one call (the
   cache encodes 2 images x batch size at once).
+- `sdpa_any_length`: attention without per-shape plans, around every text-encoder call (see its docstring).
 - `quantize_dit_fp8`: opt-in inference mode. The transformer blocks' linears run as fp8 (e4m3) matmuls with
   per-output-channel weight scales and per-token activation scales (`torch._scaled_mm`); a hot-loaded LoRA still
   adds its bf16 branch. Not exact: an approximation users choose (as in ComfyUI / diffsynth's fp8 modes).
 """
 from __future__ import annotations
 
+import contextlib
 import types
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +137,23 @@ def single_call_vision_attention(text_encoder: torch.nn.Module) -> int:
             module.forward = types.MethodType(_vision_attention, module)
             patched += 1
     return patched
+
+
+@contextlib.contextmanager
+def sdpa_any_length() -> Iterator[None]:
+    """SDPA restricted to the backends that serve any sequence length as is (flash, memory-efficient, math).
+
+    On Hopper torch prefers cuDNN's fused attention, and cuDNN builds an execution graph for every new shape (H100,
+    torch 2.11, `bench/bench_new_shapes.py`): at the text encoder's shape 56 ms per new length for one causal
+    prompt and 440 ms per new length for a padded batch, against 0.1-0.5 ms per call at any length without cuDNN.
+    Prompt lengths change with nearly every call, so every text-encoder call runs inside this (`encoding`). The DiT
+    keeps cuDNN: 2x faster than flash per call at its sizes (whether that outweighs its per-shape cost when sub-crop
+    sizes vary from step to step is not measured). The switch is process-wide while active
+    (torch's backend flags are global)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def exact_speedups(pipe) -> None:

@@ -18,10 +18,11 @@ Flow (every rank of an `accelerate launch` run does its stride share of each ste
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -287,7 +288,7 @@ class _Prepared:
     def vae_jobs(self) -> list[tuple[str, Image.Image]]:
         """(cache key, image) of every VAE input of this sample."""
         return [("input_latents", self.target), (EDIT_PREFIX + "0", self.source),
-                *((f"{EDIT_PREFIX}{i}", r) for i, r in enumerate(self.refs, start=1)), ("sub_input_latents", self.crop)]
+                *((f"{EDIT_PREFIX}{i}", r) for i, r in enumerate(self.refs, start=1)), (SUB_KEY, self.crop)]
 
 
 class SampleError(Exception):
@@ -333,37 +334,61 @@ def _use_processes(cfg: CacheConfig, device) -> bool:
 _WORKER_PIPE: Any = None
 
 
-def _worker_init(processor) -> None:
-    """Process-pool initializer: a stand-in pipeline holding only the processor (all `prompt_inputs` needs)."""
+def _worker_init(processor_file: str) -> None:
+    """Process-pool initializer: a stand-in pipeline holding only the processor (all `prompt_inputs` needs), read
+    from the parent's pickle file; the preparation code is imported here so a worker is ready before its first
+    sample."""
     global _WORKER_PIPE
+    import pickle
     import types
 
+    from .. import editor, encoding  # noqa: F401  (imported now, not on the worker's first sample)
+
     torch.set_num_threads(1)
-    _WORKER_PIPE = types.SimpleNamespace(processor=processor)
+    with open(processor_file, "rb") as f:
+        _WORKER_PIPE = types.SimpleNamespace(processor=pickle.load(f))
 
 
-_POOL: tuple[Any, Any] | None = None  # (key, ProcessPoolExecutor), kept between runs of one process
+_POOL: tuple[Any, Any, Path] | None = None  # (key, ProcessPoolExecutor, temp folder), kept between runs of a process
+
+
+def _shutdown_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        import shutil
+
+        _POOL[1].shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(_POOL[2], ignore_errors=True)
+        _POOL = None
 
 
 def _process_pool(num_workers: int, processor):
-    """A spawned worker pool holding `processor`; reused by later runs in this process (workers start in seconds:
-    torch and transformers are imported in each), shut down at exit."""
+    """A spawned worker pool holding `processor`; reused by later runs in this process, shut down at exit.
+
+    The processor travels as a file, not as an initializer argument: spawn writes the arguments into a pipe that the
+    child reads only after importing the parent's main module, so a processor of several MB blocks the parent for
+    each worker's start-up, one worker after the other (12.8 s for 3 workers, H100 machine), and the executor starts
+    the workers it lacks inside the first submits of a run. With the file every worker starts at once."""
     global _POOL
     import atexit
     import multiprocessing as mp
+    import pickle
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
     key = (num_workers, id(processor))
     if _POOL is not None and _POOL[0] == key:
         return _POOL[1]
-    if _POOL is not None:
-        _POOL[1].shutdown(wait=True, cancel_futures=True)
+    if _POOL is None:
+        atexit.register(_shutdown_pool)
+    _shutdown_pool()
+    folder = Path(tempfile.mkdtemp(prefix="cache-workers-"))
+    with open(folder / "processor.pkl", "wb") as f:
+        pickle.dump(processor, f)
     # spawn: the parent holds CUDA state; the workers need only the processor
     pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(processor,))
-    if _POOL is None:
-        atexit.register(lambda: _POOL is not None and _POOL[1].shutdown(wait=True, cancel_futures=True))
-    _POOL = (key, pool)
+                               initializer=_worker_init, initargs=(str(folder / "processor.pkl"),))
+    _POOL = (key, pool, folder)
     for _ in range(num_workers):  # start every worker now (the pool would spawn them one per submit, later)
         pool.submit(os.getpid)
     return pool
@@ -416,18 +441,36 @@ def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
 
 
 # ---- encoding (device) ---------------------------------------------------------------------------------------------
+SUB_KEY = "sub_input_latents"
+
+
 class SampleEncoder:
-    """Encodes prepared samples with the shared encoding functions; VAE calls batched over same-shape images."""
+    """Encodes prepared samples with the shared encoding functions; VAE calls batched over same-shape images.
+
+    On CUDA the sub crops and their white images are encoded by a side thread on its own stream (`side_thread`).
+    A crop has the mask box's size, new with nearly every sample, and for a new size cuDNN builds its convolution
+    plans on the host (~50 ms per new size for this VAE, H100: `bench/bench_new_shapes.py`); torch releases the GIL
+    inside its ops, so that host work overlaps the main thread's VAE and text-encoder calls. Same kernels, same
+    numbers."""
 
     def __init__(self, pipe, dtype: torch.dtype, batch_size: int, compile_vae: bool = False,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, side_thread: bool | None = None):
         self.pipe, self.dtype, self.batch_size, self.log = pipe, dtype, batch_size, log
         self._white: dict[tuple[int, int], torch.Tensor] = {}
-        self.compiled_vae = compile_vae and torch.device(pipe.device).type == "cuda"
+        on_cuda = torch.device(pipe.device).type == "cuda"
+        self.compiled_vae = compile_vae and on_cuda
         if self.compiled_vae:
             from ..speedups import compile_vae as compile_
 
             compile_(pipe.vae, encoder=True)
+        # a compiled VAE stays on one thread (compiling from two threads at once is not supported)
+        side = (on_cuda if side_thread is None else side_thread) and not self.compiled_vae
+        self._side_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-sub-vae") if side else None
+        self._side_stream = torch.cuda.Stream(device=pipe.device) if side and on_cuda else None
+
+    def close(self) -> None:
+        if self._side_pool is not None:
+            self._side_pool.shutdown(wait=True)
 
     def _vae_encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         from ..encoding import vae_encode_uint8
@@ -458,17 +501,52 @@ class SampleEncoder:
         return t.detach().to(device="cpu", dtype=self.dtype).contiguous()
 
     @torch.no_grad()
+    def _encode_subs(self, samples: list[_Prepared]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(sub-crop latents, white latents) of each sample, on the CPU; same-size crops batched."""
+        from ..encoding import image_to_uint8
+
+        stream = torch.cuda.stream(self._side_stream) if self._side_stream is not None else contextlib.nullcontext()
+        with stream:
+            groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+            for n, s in enumerate(samples):
+                px = s.pixels.get(SUB_KEY)
+                px = image_to_uint8(s.crop) if px is None else px
+                groups.setdefault(tuple(px.shape), []).append((n, px))
+            lats: dict[int, torch.Tensor] = {}
+            for group in groups.values():
+                for j in range(0, len(group), self.batch_size):
+                    chunk = group[j:j + self.batch_size]
+                    lat = self._vae_encode([px for _, px in chunk])
+                    lats.update({n: lat[i] for i, (n, _) in enumerate(chunk)})
+            return [(self._store(lats[n]), self.white(s.box.width, s.box.height)) for n, s in enumerate(samples)]
+
+    @torch.no_grad()
     def encode(self, samples: list[_Prepared]) -> list[dict[str, torch.Tensor]]:
         """Tensors of each sample. VAE: every image of every sample in `samples`, grouped by size, `batch_size`
         images per call (`encoding.vae_encode_uint8` = `encoding.vae_encode` on uint8 input). Prompt and empty
         negative: `encoding.encode_prompt_pairs` (one text-encoder call for all samples; the negative stored as prefix
         length + tail)."""
+        side = self._side_pool.submit(self._encode_subs, samples) if self._side_pool is not None else None
+        try:
+            out = self._encode_main(samples)
+        finally:
+            if side is not None:
+                wait([side])  # the side thread is done with these samples before anything else is encoded
+        subs = side.result() if side is not None else self._encode_subs(samples)
+        for o, (sub, white) in zip(out, subs):
+            o[SUB_KEY], o["sub_noise"] = sub, white.clone()
+        return out
+
+    def _encode_main(self, samples: list[_Prepared]) -> list[dict[str, torch.Tensor]]:
+        """Everything but the sub crops: target, source and reference latents, the prompt pair, mask, sizes."""
         from ..encoding import encode_prompt_pairs, image_to_uint8, prompt_inputs
 
         out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
         jobs: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
         for n, s in enumerate(samples):
             for key, im in s.vae_jobs():
+                if key == SUB_KEY:
+                    continue
                 px = s.pixels.get(key)
                 if px is None:
                     px = image_to_uint8(im)
@@ -497,7 +575,6 @@ class SampleEncoder:
                 NEGA_TAIL: self._store(pair.nega_tail[0]),
                 NEGA_PREFIX: torch.tensor([pair.nega_prefix], dtype=torch.int64),
                 "nega_prompt_emb_mask": pair.nega_mask[0].to("cpu", torch.int64).contiguous(),
-                "sub_noise": self.white(s.box.width, s.box.height).clone(),
                 "mask_latent": mask_latent.float().contiguous(),
                 "subyx": torch.tensor(s.box.to_subyx(), dtype=torch.int64),
                 "size": torch.tensor([h, w], dtype=torch.int64),
@@ -771,12 +848,16 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
         depth = cfg.batch_size + 2 * cfg.num_workers
 
         def fill() -> None:
+            t0 = time.perf_counter()
             while len(queue) < depth:
                 it = next(todo, None)
                 if it is None:
-                    return
+                    break
                 queue.append((it, submit(it)))
+            stages["submit to readers"] += time.perf_counter() - t0
 
+        stages["start (encoder, writer, readers)"] = time.perf_counter() - t_enc
+        t_loop = time.perf_counter()
         try:
             fill()
             while queue:
@@ -801,6 +882,9 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                 stages["encode (device + copy back)"] += time.perf_counter() - t0
                 for prepared, tensors in encoded:
                     writer.submit(prepared.item, tensors)
+            accounted = ("submit to readers", "wait for prepared (device idle)", "encode (device + copy back)")
+            stages["device loop, other"] = (time.perf_counter() - t_loop - sum(stages[k] for k in accounted)
+                                            - writer.times["write.backpressure"])
         finally:
             if use_procs:
                 for _, fut in queue:
@@ -813,6 +897,7 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
                             pass
             else:
                 loader.shutdown(wait=True, cancel_futures=True)
+            encoder.close()
             t0 = time.perf_counter()
             writer.close()
             stages["write.drain at end"] += time.perf_counter() - t0
