@@ -25,7 +25,11 @@ Paths timed per sample (median over N):
 - workspace, sequential: hash + read/resize + encode (target, source, reference, sub crop, white crop; prompt and
   empty prompt: one text-encoder pass + the negative's few tail tokens on the prompt's KV cache) + atomic
   safetensors write, one sample at a time;
-- workspace `run_cache` end to end (threads for reading and writing, VAE batches of 4): samples/s over all samples.
+- workspace `run_cache` end to end (worker processes for reading on CUDA, a writer thread, the sub crops on a side
+  thread, `--batch-sizes` samples per device batch): samples/s over all samples, one run per batch size.
+Instructions differ in length between samples (0-7 optional sentences), as in real edit datasets. `--fresh-data`
+gives every run new samples (new crop sizes); `--trace` times each device call (synchronised) with its shape and
+whether the process had seen it, and lists the device loop's idle gaps; `--skip-sequential` drops the second path.
 The workspace does more work per sample than upstream (the negative prompt's tail tokens, the sub-crop latents and
 the mask), and stores no pickled PIL images; the negative is stored as prefix length + tail (cache format 2).
 """
