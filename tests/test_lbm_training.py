@@ -35,6 +35,7 @@ def test_shipped_deepspeed_configs_pass_the_trap_checks():
     for name in ("ds_zero2.json", "ds_zero3.json"):
         ds = json.loads((REPO / "configs" / name).read_text())
         assert deepspeed_config_problems(ds, "prodigy") == [], name
+        assert deepspeed_config_problems(ds, "adamw", grad_clip=0.0) == [], name
         assert ds["gradient_clipping"] == 0.0 and ds["zero_force_ds_cpu_optimizer"] is False
     z3 = json.loads((REPO / "configs" / "ds_zero3.json").read_text())["zero_optimization"]
     assert z3["stage"] == 3 and z3["overlap_comm"] is True and z3["offload_optimizer"]["device"] == "none"
@@ -52,6 +53,24 @@ def test_deepspeed_traps_are_refused_with_a_message(ds, message):
 
     problems = deepspeed_config_problems(ds, "prodigy")
     assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("clip_in_config, grad_clip, refused", [
+    (0.0, 1.0, True),  # the preset asks for clipping that DeepSpeed would never do
+    ("auto", 0.0, True),  # 'auto' clips at 1.0 although the run asked for none
+    (1.0, 0.0, True),
+    (1.0, 1.0, False),
+    (0.0, 0.0, False),
+])
+def test_adamw_clipping_must_match_the_deepspeed_config(clip_in_config, grad_clip, refused):
+    from diffsynth_edit.training.loop import deepspeed_config_problems
+
+    problems = deepspeed_config_problems({"gradient_clipping": clip_in_config}, "adamw", grad_clip)
+    if refused:
+        assert len(problems) == 1 and f"the run's grad_clip is {grad_clip}" in problems[0], problems
+        assert f'"gradient_clipping": {float(grad_clip)}' in problems[0]
+    else:
+        assert problems == []
 
 
 def test_sub_stream_is_modulated_like_main(tiny_pipe):

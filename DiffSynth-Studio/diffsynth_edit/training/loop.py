@@ -35,15 +35,21 @@ class TrainingError(RuntimeError):
     """The run cannot continue (non-finite loss, bad resume state …); nothing corrupt was written."""
 
 
-def deepspeed_config_problems(ds: dict, optimizer: str) -> list[str]:
-    """The known traps of ProdigyPlusScheduleFree under DeepSpeed (notes/lbm_prodigy.md §4) found in `ds`."""
+def deepspeed_config_problems(ds: dict, optimizer: str, grad_clip: float = 0.0) -> list[str]:
+    """The known traps of ProdigyPlusScheduleFree under DeepSpeed (notes/lbm_prodigy.md §4) found in `ds`, and a
+    clipping that differs from the run's `grad_clip` (under DeepSpeed only the config's value clips: accelerate's
+    `clip_grad_norm_` does nothing there)."""
     problems = []
     zero = ds.get("zero_optimization", {})
+    clip = ds.get("gradient_clipping", "auto")
     if optimizer == "prodigy":
-        clip = ds.get("gradient_clipping", "auto")
         if clip in ("auto", None) or float(clip) != 0.0:
             problems.append(f"\"gradient_clipping\" must be 0.0 for ProdigyPlusScheduleFree (found {clip!r}; "
                             f"accelerate's 'auto' and DeepSpeed >= 0.19.3 default to 1.0)")
+    elif clip in ("auto", None) or float(clip) != float(grad_clip):
+        problems.append(f"\"gradient_clipping\" is {clip!r} but the run's grad_clip is {grad_clip}: under DeepSpeed "
+                        f"only the config's value clips (accelerate's 'auto' and DeepSpeed >= 0.19.3 mean 1.0), so "
+                        f"set \"gradient_clipping\": {float(grad_clip)} in the DeepSpeed config or change grad_clip")
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
     if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
         problems.append("optimizer offload without \"zero_force_ds_cpu_optimizer\": false silently replaces the "
@@ -210,7 +216,7 @@ class Trainer:
 
     def _check_deepspeed(self) -> None:
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        problems = deepspeed_config_problems(ds, self.cfg.optimizer)
+        problems = deepspeed_config_problems(ds, self.cfg.optimizer, self.cfg.grad_clip)
         if problems:
             raise TrainingError("DeepSpeed config refused: " + "; ".join(problems))
         stage = int(ds.get("zero_optimization", {}).get("stage", 0))
