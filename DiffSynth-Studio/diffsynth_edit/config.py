@@ -21,6 +21,32 @@ class ConfigError(ValueError):
     """A preset or flag is wrong; the message names it."""
 
 
+@dataclasses.dataclass
+class ModelPathOptions:
+    """Where the weights are: the fields shared by the configs that load the encoders (cache, editor CLI, app)."""
+
+    model_root: Path | None = dataclasses.field(default=None, metadata={
+        "help": "local model folder in the hub layout (<root>/Qwen/Qwen-Image-Edit-2511/transformer/...)"})
+    dit_path: Path | None = dataclasses.field(default=None, metadata={
+        "help": "DiT weights (file or folder); overrides model_root"})
+    text_encoder_path: Path | None = dataclasses.field(default=None, metadata={
+        "help": "text encoder weights (file or folder)"})
+    vae_path: Path | None = dataclasses.field(default=None, metadata={"help": "VAE weights file"})
+    tokenizer_path: Path | None = dataclasses.field(default=None, metadata={"help": "tokenizer folder"})
+    processor_path: Path | None = dataclasses.field(default=None, metadata={"help": "processor folder"})
+    allow_download: bool = dataclasses.field(default=False, metadata={
+        "help": "let diffsynth download missing weights"})
+
+    def model_sources(self, variant: str):
+        """`loading.ModelSources` of these paths for `variant`."""
+        from .loading import ModelSources
+
+        return ModelSources(variant=variant, model_root=self.model_root, dit_path=self.dit_path,
+                            text_encoder_path=self.text_encoder_path, vae_path=self.vae_path,
+                            tokenizer_path=self.tokenizer_path, processor_path=self.processor_path,
+                            allow_download=self.allow_download)
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) for `X | None`/Optional[X]."""
     origin = typing.get_origin(tp)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .config import ConfigError, config_to_dict, parse_config
+from .config import ConfigError, ModelPathOptions, config_to_dict, parse_config
 
 USAGE = """usage:
   edit_images.py edit (--dataset FILE.json | --image IMG --prompt TEXT [--mask MASK]) --out DIR [model/sampler flags]
@@ -33,17 +33,10 @@ def _h(text: str) -> dict:
 
 
 @dataclass
-class ModelOptions:
+class ModelOptions(ModelPathOptions):
     """Where the model comes from and how it runs."""
 
-    model_root: Path | None = field(default=None, metadata=_h("folder in the hub layout (<root>/Qwen/...)"))
     variant: str = field(default="2511", metadata=_h("Qwen-Image-Edit variant: 2511 or 2509"))
-    dit_path: Path | None = field(default=None, metadata=_h("DiT weights (file or folder); overrides --model-root"))
-    text_encoder_path: Path | None = field(default=None, metadata=_h("text encoder weights (file or folder)"))
-    vae_path: Path | None = field(default=None, metadata=_h("VAE weights file"))
-    tokenizer_path: Path | None = field(default=None, metadata=_h("tokenizer folder"))
-    processor_path: Path | None = field(default=None, metadata=_h("processor folder"))
-    allow_download: bool = field(default=False, metadata=_h("let diffsynth download missing weights"))
     checkpoint: Path | None = field(default=None, metadata=_h("trained .safetensors (LoRA and/or STE)"))
     strength: float = field(default=1.0, metadata=_h("LoRA strength"))
     mode: Literal["auto", "bridge", "plain"] = field(
@@ -166,12 +159,7 @@ def settings_from(cfg: SamplerOptions):
 
 
 def sources_from(cfg: ModelOptions):
-    from .loading import ModelSources
-
-    return ModelSources(variant=cfg.variant, model_root=cfg.model_root, dit_path=cfg.dit_path,
-                        text_encoder_path=cfg.text_encoder_path, vae_path=cfg.vae_path,
-                        tokenizer_path=cfg.tokenizer_path, processor_path=cfg.processor_path,
-                        allow_download=cfg.allow_download)
+    return cfg.model_sources(cfg.variant)
 
 
 def resolve_device(device: str, dtype: str):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from ..config import ConfigError, add_config_flags, build_config, load_preset
+from ..config import ConfigError, ModelPathOptions, add_config_flags, build_config, load_preset
 
 DEFAULT_PORT = 7999
 
@@ -19,7 +19,7 @@ def _help(text: str):
 
 
 @dataclass
-class AppConfig:
+class AppConfig(ModelPathOptions):
     # serving
     host: str | None = field(default=None, metadata=_help(
         "interface to bind (default 127.0.0.1: this machine only; give 0.0.0.0 to serve the network)"))
@@ -33,12 +33,6 @@ class AppConfig:
     variant: str = field(default="2511", metadata=_help("2511 or 2509"))
     model_root: Path | None = field(default=Path("models"), metadata=_help(
         "folder in the hub layout (models/Qwen/Qwen-Image-Edit-2511/transformer/...)"))
-    dit_path: Path | None = field(default=None, metadata=_help("DiT weights (file or folder)"))
-    text_encoder_path: Path | None = field(default=None, metadata=_help("text encoder weights"))
-    vae_path: Path | None = field(default=None, metadata=_help("VAE weights"))
-    tokenizer_path: Path | None = field(default=None, metadata=_help("tokenizer folder"))
-    processor_path: Path | None = field(default=None, metadata=_help("processor folder"))
-    allow_download: bool = field(default=False, metadata=_help("let diffsynth download missing weights"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cuda, cuda:N or cpu"))
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata=_help(
         "auto: bf16 on cuda, fp32 on cpu"))

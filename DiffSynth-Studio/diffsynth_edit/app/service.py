@@ -79,10 +79,7 @@ def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[
         notices.append("Running on the tiny random model (--tiny): it shows the app working; its edits are noise.")
         pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
     else:
-        sources = ModelSources(variant=cfg.variant, model_root=cfg.model_root, dit_path=cfg.dit_path,
-                               text_encoder_path=cfg.text_encoder_path, vae_path=cfg.vae_path,
-                               tokenizer_path=cfg.tokenizer_path, processor_path=cfg.processor_path,
-                               allow_download=cfg.allow_download)
+        sources = cfg.model_sources(cfg.variant)
         try:
             pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
         except MissingWeightsError as e:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..atomic import atomic_path, kill_point
+from ..config import ModelPathOptions
 from ..geometry import Box, binarize_mask, mask_bbox
 from ..variants import VariantMismatchError, check_same_variant, get_variant
 from .manifest import (FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
@@ -50,21 +51,15 @@ class CacheRunError(RuntimeError):
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(ModelPathOptions):
     dataset: Path | None = field(default=None, metadata={"help": "dataset JSON/JSONL (required)"})
     base_path: Path | None = field(default=None, metadata={"help": "folder the dataset's paths are relative to "
                                                                    "(default: the JSON's folder)"})
     cache_dir: Path = field(default=Path("data/cache"), metadata={"help": "output folder (one per dataset, variant "
                                                                          "and resolution policy)"})
     variant: str = field(default="2511", metadata={"help": "2511 or 2509 (recorded in the manifest)"})
-    model_root: Path | None = field(default=None, metadata={"help": "local model folder in the hub layout"})
     dit_path: Path | None = field(default=None, metadata={"help": "accepted for preset symmetry; the DiT is never "
                                                                   "loaded by the cache"})
-    text_encoder_path: Path | None = None
-    vae_path: Path | None = None
-    tokenizer_path: Path | None = None
-    processor_path: Path | None = None
-    allow_download: bool = field(default=False, metadata={"help": "let diffsynth download missing weights"})
     max_pixels: int = field(default=1024 * 1024, metadata={"help": "images are scaled down to at most this many "
                                                                    "pixels, sides multiples of 16"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda, cuda:N or cpu"})
@@ -112,12 +107,7 @@ class CacheConfig:
             raise ConfigError(f"`workers` must be auto, process or thread, not {self.workers!r}")
 
     def sources(self):
-        from ..loading import ModelSources
-
-        return ModelSources(variant=self.variant, model_root=self.model_root, dit_path=self.dit_path,
-                            text_encoder_path=self.text_encoder_path, vae_path=self.vae_path,
-                            tokenizer_path=self.tokenizer_path, processor_path=self.processor_path,
-                            allow_download=self.allow_download)
+        return self.model_sources(self.variant)
 
 
 @dataclass
