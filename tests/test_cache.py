@@ -477,8 +477,19 @@ def test_side_thread_sub_crops_equal_inline_encoding(tiny_sources, tmp_path, dev
     side = SampleEncoder(pipe, torch.float32, batch_size=2, side_thread=True if device == "cpu" else None)
     assert inline._side_pool is None and side._side_pool is not None
     assert (side._side_stream is not None) == (device == "cuda")
+    flags, real_subs = [], side._encode_subs
+
+    def recording(samples):  # the attention flags the side thread's VAE sees
+        flags.append(torch.backends.cuda.cudnn_sdp_enabled())
+        out = real_subs(samples)
+        flags.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return out
+
+    side._encode_subs = recording
     try:
         want, got = inline.encode(prepared), side.encode(prepared)
+        # constant for the whole step (the text encoder's switch on the main thread never flips it halfway)
+        assert flags == [False, False] and torch.backends.cuda.cudnn_sdp_enabled()
         assert [sorted(w) for w in want] == [sorted(g) for g in got]
         for w, g in zip(want, got):
             for k in w:

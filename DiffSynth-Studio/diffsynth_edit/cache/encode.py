@@ -516,13 +516,19 @@ class SampleEncoder:
         images per call (`encoding.vae_encode_uint8` = `encoding.vae_encode` on uint8 input). Prompt and empty
         negative: `encoding.encode_prompt_pairs` (one text-encoder call for all samples; the negative stored as prefix
         length + tail)."""
-        side = self._side_pool.submit(self._encode_subs, samples) if self._side_pool is not None else None
-        try:
-            out = self._encode_main(samples)
-        finally:
-            if side is not None:
-                wait([side])  # the side thread is done with these samples before anything else is encoded
-        subs = side.result() if side is not None else self._encode_subs(samples)
+        from ..speedups import sdpa_any_length
+
+        # torch's attention-backend flags are process-wide and the text encoder switches cuDNN's off while it runs
+        # (`speedups.sdpa_any_length`): the whole step runs with it off, so the side thread's VAE never sees a flag
+        # change halfway
+        with sdpa_any_length():
+            side = self._side_pool.submit(self._encode_subs, samples) if self._side_pool is not None else None
+            try:
+                out = self._encode_main(samples)
+            finally:
+                if side is not None:
+                    wait([side])  # the side thread is done with these samples before anything else is encoded
+            subs = side.result() if side is not None else self._encode_subs(samples)
         for o, (sub, white) in zip(out, subs):
             o[SUB_KEY], o["sub_noise"] = sub, white.clone()
         return out
