@@ -280,6 +280,14 @@ class _Prepared:
         return [("input_latents", self.target), (EDIT_PREFIX + "0", self.source),
                 *((f"{EDIT_PREFIX}{i}", r) for i, r in enumerate(self.refs, start=1)), (SUB_KEY, self.crop)]
 
+    def vae_inputs(self, sub: bool) -> list[tuple[str, torch.Tensor]]:
+        """(cache key, uint8 [3, H, W]) of the sub crop (`sub`) or of every other VAE input: the reader's tensor,
+        else converted here."""
+        from ..encoding import image_to_uint8
+
+        return [(key, image_to_uint8(im) if self.pixels.get(key) is None else self.pixels[key])
+                for key, im in self.vae_jobs() if (key == SUB_KEY) == sub]
+
 
 class SampleError(Exception):
     """One sample cannot be cached; the message names the file and the reason."""
@@ -490,24 +498,27 @@ class SampleEncoder:
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device="cpu", dtype=self.dtype).contiguous()
 
+    def _encode_batched(self, jobs: list[tuple[Any, torch.Tensor]]) -> list[tuple[Any, torch.Tensor]]:
+        """(tag, latents on the device) for each (tag, uint8 image) of `jobs`: same-size images share VAE calls of up
+        to `batch_size` images."""
+        groups: dict[tuple[int, ...], list[tuple[Any, torch.Tensor]]] = {}
+        for tag, px in jobs:
+            groups.setdefault(tuple(px.shape), []).append((tag, px))
+        out: list[tuple[Any, torch.Tensor]] = []
+        for group in groups.values():
+            for j in range(0, len(group), self.batch_size):
+                chunk = group[j:j + self.batch_size]
+                lat = self._vae_encode([px for _, px in chunk])
+                out += [(tag, lat[i]) for i, (tag, _) in enumerate(chunk)]
+        return out
+
     @torch.no_grad()
     def _encode_subs(self, samples: list[_Prepared]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(sub-crop latents, white latents) of each sample, on the CPU; same-size crops batched."""
-        from ..encoding import image_to_uint8
-
         stream = torch.cuda.stream(self._side_stream) if self._side_stream is not None else contextlib.nullcontext()
         with stream:
-            groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-            for n, s in enumerate(samples):
-                px = s.pixels.get(SUB_KEY)
-                px = image_to_uint8(s.crop) if px is None else px
-                groups.setdefault(tuple(px.shape), []).append((n, px))
-            lats: dict[int, torch.Tensor] = {}
-            for group in groups.values():
-                for j in range(0, len(group), self.batch_size):
-                    chunk = group[j:j + self.batch_size]
-                    lat = self._vae_encode([px for _, px in chunk])
-                    lats.update({n: lat[i] for i, (n, _) in enumerate(chunk)})
+            lats = dict(self._encode_batched([(n, px) for n, s in enumerate(samples)
+                                              for _, px in s.vae_inputs(sub=True)]))
             return [(self._store(lats[n]), self.white(s.box.width, s.box.height)) for n, s in enumerate(samples)]
 
     @torch.no_grad()
@@ -535,26 +546,13 @@ class SampleEncoder:
 
     def _encode_main(self, samples: list[_Prepared]) -> list[dict[str, torch.Tensor]]:
         """Everything but the sub crops: target, source and reference latents, the prompt pair, mask, sizes."""
-        from ..encoding import encode_prompt_pairs, image_to_uint8, prompt_inputs
+        from ..encoding import encode_prompt_pairs, prompt_inputs
 
         out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
-        jobs: dict[tuple[int, ...], list[tuple[int, str, torch.Tensor]]] = {}
-        for n, s in enumerate(samples):
-            for key, im in s.vae_jobs():
-                if key == SUB_KEY:
-                    continue
-                px = s.pixels.get(key)
-                if px is None:
-                    px = image_to_uint8(im)
-                jobs.setdefault(tuple(px.shape), []).append((n, key, px))
-        lats: list[tuple[int, str, torch.Tensor]] = []
-        for group in jobs.values():
-            for j in range(0, len(group), self.batch_size):
-                chunk = group[j:j + self.batch_size]
-                lat = self._vae_encode([px for _, _, px in chunk])
-                lats += [(n, key, lat[i]) for i, (n, key, _) in enumerate(chunk)]
+        lats = self._encode_batched([((n, key), px) for n, s in enumerate(samples)
+                                     for key, px in s.vae_inputs(sub=False)])
         # one device->host copy per tensor after all VAE calls were queued (no sync between VAE calls)
-        for n, key, lat in lats:
+        for (n, key), lat in lats:
             out[n][key] = self._store(lat)
         pairs = encode_prompt_pairs(self.pipe, [
             s.prompt_inputs or prompt_inputs(self.pipe, [s.item.prompt, ""], [s.source, *s.refs]) for s in samples])
