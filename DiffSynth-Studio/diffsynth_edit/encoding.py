@@ -6,7 +6,6 @@ size. The negative prompt is the empty string encoded with the same images.
 """
 from __future__ import annotations
 
-import functools
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -14,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from .speedups import sdpa_any_length
 
 _EMBEDDER = None
 
@@ -27,21 +28,12 @@ def _embedder():
     return _EMBEDDER
 
 
-def _any_length_attention(fn):
-    """Text-encoder calls run SDPA without cuDNN's backend (`speedups.sdpa_any_length`): prompt lengths, padded batch
-    lengths and image token counts change from call to call, and cuDNN builds a plan for each new one (H100: 56 ms
-    per new length for one prompt, 440 ms for a padded batch; 0.1 ms per call either way once built)."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        from .speedups import sdpa_any_length
-
-        with sdpa_any_length():
-            return fn(*args, **kwargs)
-    return wrapped
-
-
+# Every text-encoder call runs SDPA without cuDNN's backend (`speedups.sdpa_any_length`, used as a decorator): prompt
+# lengths, padded batch lengths and image token counts change from call to call, and cuDNN builds a plan for each
+# new one (H100: 56 ms per new length for one prompt, 440 ms for a padded batch; 0.1 ms per call either way once
+# built).
 @torch.no_grad()
-@_any_length_attention
+@sdpa_any_length()
 def encode_prompt(pipe, prompt: str, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
     """(embedding [1, L, D] in the pipeline dtype, mask [1, L] long) for one prompt with its reference images."""
     if pipe.text_encoder is None or pipe.processor is None:
@@ -148,7 +140,7 @@ def _image_embeds(model, pixel_values, grid):
 
 
 @torch.no_grad()
-@_any_length_attention
+@sdpa_any_length()
 def encode_prompts(pipe, prompts: Sequence[str], images: Sequence[Image.Image]
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`[encode_prompt(pipe, p, images) for p in prompts]` in ONE text-encoder call (batch len(prompts)).
@@ -231,7 +223,7 @@ class PromptPair:
 
 
 @torch.no_grad()
-@_any_length_attention
+@sdpa_any_length()
 def encode_prompt_pair(pipe, prompt: str, images: Sequence[Image.Image], negative_prompt: str = "",
                        inputs=None) -> PromptPair:
     """`encode_prompt(pipe, prompt, images)` and `encode_prompt(pipe, negative_prompt, images)` for the cost of ONE
@@ -278,7 +270,7 @@ def encode_prompt_pair(pipe, prompt: str, images: Sequence[Image.Image], negativ
 
 
 @torch.no_grad()
-@_any_length_attention
+@sdpa_any_length()
 def encode_prompt_pairs(pipe, inputs: Sequence[tuple]) -> list[PromptPair]:
     """`encode_prompt_pair` for several samples in ONE text-encoder call (the cache's batches): `inputs[i]` is
     `prompt_inputs(pipe, [prompt_i, negative_i], images_i)`. Rows `[pos_1, neg_1, pos_2, neg_2, ...]`, right-padded
