@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from bench_train_step import sync, write_report
+
 VARIANTS = {
     "default": ({}, []),
     "TORCH_CUDNN_V8_API_DISABLED=1": ({"TORCH_CUDNN_V8_API_DISABLED": "1"}, []),
@@ -43,23 +45,18 @@ CASES = {"vae": "VAE encode, new size", "sdpa": "SDPA, padding mask, new length"
          "causal": "SDPA causal (TE, 1 prompt), new length", "dit": "SDPA DiT fwd+bwd, new length"}
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def first_and_repeat(fn, device: str) -> tuple[float, float]:
     """Seconds of the first call and of a repeat (median of 3)."""
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t
     rep = []
     for _ in range(3):
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         rep.append(time.perf_counter() - t)
     return first, statistics.median(rep)
 
@@ -179,8 +176,6 @@ def main() -> int:
         lines += summarise(v, res)
         print(f"{v}: {time.perf_counter() - t:.1f} s, cudnn {res['cudnn']}; "
               + "; ".join(f"{c} {res[c]}" for c in CASES), file=sys.stderr)
-    from bench_train_step import write_report
-
     write_report("\n".join(lines), "new_shapes.md")
     return 0
 

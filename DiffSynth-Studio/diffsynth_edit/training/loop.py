@@ -42,14 +42,13 @@ def deepspeed_config_problems(ds: dict, optimizer: str, grad_clip: float = 0.0) 
     problems = []
     zero = ds.get("zero_optimization", {})
     clip = ds.get("gradient_clipping", "auto")
-    if optimizer == "prodigy":
-        if clip in ("auto", None) or float(clip) != 0.0:
-            problems.append(f"\"gradient_clipping\" must be 0.0 for ProdigyPlusScheduleFree (found {clip!r}; "
-                            f"accelerate's 'auto' and DeepSpeed >= 0.19.3 default to 1.0)")
-    elif clip in ("auto", None) or float(clip) != float(grad_clip):
-        problems.append(f"\"gradient_clipping\" is {clip!r} but the run's grad_clip is {grad_clip}: under DeepSpeed "
-                        f"only the config's value clips (accelerate's 'auto' and DeepSpeed >= 0.19.3 mean 1.0), so "
-                        f"set \"gradient_clipping\": {float(grad_clip)} in the DeepSpeed config or change grad_clip")
+    want = 0.0 if optimizer == "prodigy" else float(grad_clip)  # TrainConfig refuses clipping with Prodigy
+    if clip in ("auto", None) or float(clip) != want:
+        why = ("ProdigyPlusScheduleFree must not be clipped" if optimizer == "prodigy" else
+               f"the run's grad_clip is {grad_clip} and under DeepSpeed only the config's value clips")
+        problems.append(f"\"gradient_clipping\" is {clip!r}: {why}, so set \"gradient_clipping\": {want} in the "
+                        f"DeepSpeed config{'' if optimizer == 'prodigy' else ' or change grad_clip'} (accelerate's "
+                        f"'auto' and DeepSpeed >= 0.19.3 mean 1.0)")
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
     if offload not in (None, "none") and ds.get("zero_force_ds_cpu_optimizer", True) is not False:
         problems.append("optimizer offload without \"zero_force_ds_cpu_optimizer\": false silently replaces the "
