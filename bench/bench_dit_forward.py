@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 
     from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
-    from diffsynth_edit.editor import Editor, EditSettings, PreparedEdit
+    from diffsynth_edit.editing.editor import Editor, EditSettings, PreparedEdit
     from diffsynth_edit.geometry import Box
     from diffsynth_edit.ste import STE
 

@@ -96,7 +96,7 @@ def main() -> int:
                 break
 
     # ---- end-to-end edits --------------------------------------------------------------------------------------
-    from diffsynth_edit.editor import EditRequest, EditSettings, Editor
+    from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor
 
     if a.tiny:
         import tempfile
@@ -182,7 +182,7 @@ def main() -> int:
 
 def profile_prepare(editor, request, device: str, repeats: int) -> list[str]:
     """`Editor.prepare` timed with and without the VAE side stream, and one profiled call's op table."""
-    from diffsynth_edit.editor import EditSettings
+    from diffsynth_edit.editing.editor import EditSettings
 
     from bench_kernels import timed as timed_median
     from diffsynth_edit import encoding

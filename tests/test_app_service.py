@@ -63,7 +63,7 @@ def roots(tmp_path_factory, app_pipe):
 @pytest.fixture()
 def service(app_pipe, roots):
     from diffsynth_edit.app.service import EditService
-    from diffsynth_edit.editor import Editor
+    from diffsynth_edit.editing.editor import Editor
 
     editor = Editor(app_pipe, variant="2511", hot_swap=True)
     svc = EditService(editor, [roots["train"], roots["extra"]], max_upload_pixels=4096 * 4096,

@@ -99,7 +99,7 @@ def verify(cache_dir: Path, capsys) -> tuple[int, str]:
 # ---- equality with the editor --------------------------------------------------------------------------------------
 def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
     from diffsynth_edit.cache import open_cache
-    from diffsynth_edit.editor import EditRequest, EditSettings, Editor, fit_image, to_rgb
+    from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor, fit_image, to_rgb
     from diffsynth_edit.encoding import vae_encode, white_latents
 
     data = tmp_path / "data"

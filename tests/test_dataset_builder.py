@@ -305,7 +305,7 @@ def test_open_mask_alpha_rules(tmp_path):
     m = np.asarray(open_mask(tmp_path / "opaque.png"))
     assert (m[0:4, 0:2] == 255).all() and m.sum() == 8 * 255
     # the editor (and so the cache and the app) reads every one of these masks the same way
-    from diffsynth_edit.editor import prepare_mask
+    from diffsynth_edit.editing.editor import prepare_mask
 
     for name in ("strokes", "matte", "red", "opaque"):
         got, _ = prepare_mask(Image.open(tmp_path / f"{name}.png"), (16, 16))

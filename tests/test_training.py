@@ -194,7 +194,7 @@ def test_variant_flag_must_match_manifest(cache_dir, tiny_root, tmp_path):
 
 def _edit_errors(trainer):
     """Latent MSE of 20-step edits to the targets, and of the unedited sources to the targets."""
-    from diffsynth_edit.editor import EditSettings, Editor
+    from diffsynth_edit.editing.editor import EditSettings, Editor
     from diffsynth_edit.training.validation import prepared_from_cache
 
     editor = Editor(trainer.pipe, variant="2511", mode="plain")

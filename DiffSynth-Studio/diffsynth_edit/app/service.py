@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
+from ..editing.editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
 from ..loading import MissingWeightsError, ModelSources, load_pipeline
 from .checkpoints import (CheckpointAccessError, CheckpointEntry, list_checkpoints, resolve_checkpoint,
                           resolve_roots)

@@ -340,7 +340,8 @@ def _worker_init(processor_file: str) -> None:
     import pickle
     import types
 
-    from .. import editor, encoding  # noqa: F401  (imported now, not on the worker's first sample)
+    from .. import encoding  # noqa: F401  (imported now, not on the worker's first sample)
+    from ..editing import editor  # noqa: F401
 
     torch.set_num_threads(1)
     with open(processor_file, "rb") as f:
@@ -400,7 +401,7 @@ def _prepare_in_worker(item: _Item, max_pixels: int) -> _Prepared:
 
 
 def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
-    from ..editor import EditInputError, fit_image, prepare_mask, to_rgb
+    from ..editing.editor import EditInputError, fit_image, prepare_mask, to_rgb
 
     try:
         src_raw = to_rgb(_open(item.edit_image[0], "edit_image[0]"), "source")
