@@ -33,7 +33,7 @@ from PIL import Image, ImageChops, ImageStat
 from ..atomic import atomic_write_bytes, atomic_write_if_changed, json_text
 from ..config import ConfigError
 from ..geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
-from .image_io import (FORMAT_EXTENSION, WHITE, DecodedImage, ImageDecodeError, atomic_save_image, decode_image,
+from ..image_io import (FORMAT_EXTENSION, WHITE, DecodedImage, ImageDecodeError, atomic_save_image, decode_image,
                        is_image_file, to_mask, to_rgb)
 from .schema import DEFAULT_PROMPT_TEMPLATE, DatasetFormatError, dataset_text, read_numbered_records, relative_path
 
