@@ -229,7 +229,7 @@ def upstream_sample(pipe, entry: dict, root: Path, out: Path, zero_cond_t: bool 
 
 
 def workspace_sample(pipe, item, encoder, writer, settings_fp: str, max_pixels: int) -> float:
-    from diffsynth_edit.cache.encode import prepare_sample
+    from diffsynth_edit.cache.samples import prepare_sample
     from diffsynth_edit.cache.manifest import sample_hash
 
     t0 = time.perf_counter()
@@ -249,7 +249,7 @@ class DeviceTrace:
     def __init__(self, device: str):
         self.device, self.calls, self.seen = device, [], set()
         import diffsynth_edit.encoding as encoding
-        from diffsynth_edit.cache.encode import SampleEncoder
+        from diffsynth_edit.cache.encoder import SampleEncoder
 
         trace = self
         vae_encode, pairs = SampleEncoder._vae_encode, encoding.encode_prompt_pairs
@@ -365,8 +365,11 @@ def main(argv=None) -> int:
     entries = json.loads(dataset.read_text())
 
     from diffsynth_edit.atomic import atomic_path  # noqa: F401  (the writer uses it)
-    from diffsynth_edit.cache.encode import (TORCH_DTYPES, CacheConfig, SampleEncoder, _Writer, load_items,
-                                             run_cache)
+    from diffsynth_edit.cache.config import TORCH_DTYPES, CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
+    from diffsynth_edit.cache.encoder import SampleEncoder
+    from diffsynth_edit.cache.samples import load_items
+    from diffsynth_edit.cache.writer import _Writer
     from diffsynth_edit.cache.manifest import CacheSettings
 
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -412,7 +415,7 @@ def main(argv=None) -> int:
     if args.profile and device.startswith("cuda"):
         from torch.profiler import ProfilerActivity, profile
 
-        from diffsynth_edit.cache.encode import prepare_sample
+        from diffsynth_edit.cache.samples import prepare_sample
 
         prepared = [prepare_sample(it, max_pixels, pipe) for it in items[1:5]]
         encoder.encode(prepared)

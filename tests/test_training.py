@@ -13,7 +13,8 @@ from edit_data import make_edit_dataset
 
 @pytest.fixture(scope="module")
 def cache_dir(tiny_root, tmp_path_factory):
-    from diffsynth_edit.cache.encode import CacheConfig, run_cache
+    from diffsynth_edit.cache.config import CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
 
     root = tmp_path_factory.mktemp("train_data")
     dataset = make_edit_dataset(root / "raw", n=4, size=64)
