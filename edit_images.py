@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from diffsynth_edit.edit_cli import main as cli_main
+    from diffsynth_edit.editing.cli import main as cli_main
 
     return cli_main(argv)
 

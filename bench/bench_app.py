@@ -135,7 +135,7 @@ def random_full_dit(device: str, dtype: torch.dtype, num_layers: int = 60):
 
 def build_editor(args):
     from diffsynth_edit.app.service import resolve_device, resolve_dtype, tiny_sources
-    from diffsynth_edit.editor import Editor
+    from diffsynth_edit.editing.editor import Editor
     from diffsynth_edit.loading import load_pipeline
 
     device = resolve_device(args.device)
@@ -366,12 +366,12 @@ def main(argv=None) -> int:
     from diffsynth_edit.app.service import EditService
     from diffsynth_edit.app.testing import free_port, wait_for_http
     from diffsynth_edit.app.ui import build_ui, launch
-    from diffsynth_edit.editor import EditRequest, EditSettings
+    from diffsynth_edit.editing.editor import EditRequest, EditSettings
 
     editor, device, dtype, note = build_editor(args)
     jitter = [0.0]  # --null-edit: seconds the stub sleeps in this run (the same in its bare and app calls)
     if args.null_edit:
-        from diffsynth_edit.editor import EditResult
+        from diffsynth_edit.editing.editor import EditResult
 
         outputs = {}
 

@@ -48,104 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-
-# ---- models ----------------------------------------------------------------------------------------------------------
-def _init_random_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "bias":
-                p.zero_()
-            elif "norm" in name and p.dim() == 1:
-                p.fill_(1.0)
-            elif p.dim() == 1 and leaf in ("gamma", "weight", "scale"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=gen)
-
-
-def tokenizer_choice(choice: str) -> str:
-    """'auto' -> 'qwen' when bench/.assets/qwen.tiktoken is there (bench/fetch_qwen_tokenizer.sh), else 'bytes'."""
-    from qwen_tokenizer import qwen_tiktoken_path
-
-    if choice == "auto":
-        return "qwen" if qwen_tiktoken_path() else "bytes"
-    return choice
-
-
-def build_full_pipeline(device: str, dtype: torch.dtype, te_cls=None, vae_cls=None, tokenizer: str = "auto"):
-    """QwenImagePipeline holding a full-size text encoder and VAE (random weights), tokenizer and processor.
-
-    `te_cls`/`vae_cls` (default: diffsynth's full-size classes) let `--tiny-meta` smoke-test this path on CPU.
-    `tokenizer`: 'qwen' (Qwen's real BPE ranks, real token counts and special ids; `bench/qwen_tokenizer.py`),
-    'bytes' (the tiny byte-level tokenizer, ~3-4x the real text token counts) or 'auto'."""
-    from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
-    from diffsynth.models.qwen_image_vae import QwenImageVAE
-    from diffsynth.pipelines.qwen_image import QwenImagePipeline
-
-    te_cls = te_cls or QwenImageTextEncoder
-    vae_cls = vae_cls or QwenImageVAE
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    from diffsynth_edit.tiny import TOKEN_IDS, build_tokenizer
-
-    with torch.device("meta"):
-        te = te_cls()
-        vae = vae_cls()
-    # Non-persistent buffers (rotary inv_freq) and plain tensor attributes (VAE mean/std) are not parameters:
-    # rebuild them from fresh CPU instances of their modules.
-    te.to(dtype=dtype)  # free on meta; materialising in bf16 avoids a 33 GB fp32 copy of the 8.3 B parameters
-    vae.to(dtype=dtype)
-    te.to_empty(device=device)
-    lm_rot = te.model.language_model.rotary_emb
-    fresh = type(lm_rot)(config=lm_rot.config)
-    for name, buf in fresh.named_buffers():
-        setattr(lm_rot, name, buf.to(device))
-    vis_rot = te.model.visual.rotary_pos_emb
-    fresh = type(vis_rot)(vis_rot.inv_freq.shape[0] * 2)
-    vis_rot.inv_freq = fresh.inv_freq.to(device)
-    _init_random_(te)
-    real_tokens = tokenizer_choice(tokenizer) == "qwen"
-    for cfg in (te.config, getattr(te.config, "text_config", None)) if not real_tokens else ():
-        if cfg is not None:
-            cfg.image_token_id = TOKEN_IDS["<|image_pad|>"]
-            cfg.video_token_id = TOKEN_IDS["<|video_pad|>"]
-            cfg.vision_start_token_id = TOKEN_IDS["<|vision_start|>"]
-            cfg.vision_end_token_id = TOKEN_IDS["<|vision_end|>"]
-    vae.to_empty(device=device)
-    small = QwenImageVAE(base_dim=8, num_res_blocks=1)  # same mean/std constants, tiny weights
-    vae.mean, vae.std = small.mean.clone(), small.std.clone()
-    _init_random_(vae)
-    for m in (te, vae):
-        m.eval().requires_grad_(False)
-        for mod in m.modules():
-            for k, v in vars(mod).items():
-                if isinstance(v, torch.Tensor) and v.device.type == "meta":
-                    raise RuntimeError(f"{type(m).__name__}: {type(mod).__name__}.{k} is still on the meta device")
-
-    if real_tokens:
-        from qwen_tokenizer import build_qwen_tokenizer
-
-        tok = build_qwen_tokenizer()
-    else:
-        tok = build_tokenizer()
-    kw = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(**kw))
-    pipe = QwenImagePipeline(device=device, torch_dtype=dtype)
-    pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.processor = te, vae, tok, processor
-    pipe.vram_management_enabled = False
-    return pipe
-
-
-def build_tiny_pipeline(root: Path, device: str, dtype: torch.dtype):
-    from diffsynth_edit.loading import ModelSources, load_pipeline
-    from diffsynth_edit.tiny import write_tiny_model
-
-    write_tiny_model(root)
-    return load_pipeline(ModelSources(model_root=root), components=("text_encoder", "vae", "tokenizer", "processor"),
-                         device=device, torch_dtype=dtype)
+from harness import build_full_pipeline, build_tiny_pipeline, sync, tokenizer_choice
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -201,11 +104,6 @@ def make_samples(root: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 # ---- the two paths ---------------------------------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def upstream_sample(pipe, entry: dict, root: Path, out: Path, zero_cond_t: bool = True) -> tuple[float, float, int]:
     """diffsynth sft:data_process for one sample; (seconds incl. loading, loading seconds, bytes written)."""
     t0 = time.perf_counter()
@@ -224,12 +122,12 @@ def upstream_sample(pipe, entry: dict, root: Path, out: Path, zero_cond_t: bool 
         for unit in pipe.units:
             inputs = pipe.unit_runner(unit, pipe, *inputs)
     torch.save(inputs, out)
-    _sync(str(pipe.device))
+    sync(str(pipe.device))
     return time.perf_counter() - t0, t_load, out.stat().st_size
 
 
 def workspace_sample(pipe, item, encoder, writer, settings_fp: str, max_pixels: int) -> float:
-    from diffsynth_edit.cache.encode import prepare_sample
+    from diffsynth_edit.cache.samples import prepare_sample
     from diffsynth_edit.cache.manifest import sample_hash
 
     t0 = time.perf_counter()
@@ -237,7 +135,7 @@ def workspace_sample(pipe, item, encoder, writer, settings_fp: str, max_pixels: 
     prepared = prepare_sample(item, max_pixels, pipe)  # + uint8 pixels and processor outputs, as run_cache's readers
     tensors = encoder.encode([prepared])[0]
     writer._write(item, tensors)  # synchronous: the same atomic safetensors write run_cache does in its thread
-    _sync(str(pipe.device))
+    sync(str(pipe.device))
     return time.perf_counter() - t0
 
 
@@ -249,16 +147,16 @@ class DeviceTrace:
     def __init__(self, device: str):
         self.device, self.calls, self.seen = device, [], set()
         import diffsynth_edit.encoding as encoding
-        from diffsynth_edit.cache.encode import SampleEncoder
+        from diffsynth_edit.cache.encoder import SampleEncoder
 
         trace = self
         vae_encode, pairs = SampleEncoder._vae_encode, encoding.encode_prompt_pairs
 
         def timed_call(kind, shape, fn, *a):
-            _sync(trace.device)
+            sync(trace.device)
             t = time.perf_counter()
             out = fn(*a)
-            _sync(trace.device)
+            sync(trace.device)
             key = (kind, shape)
             trace.calls.append((kind, shape, key not in trace.seen, time.perf_counter() - t, t))
             trace.seen.add(key)
@@ -365,8 +263,11 @@ def main(argv=None) -> int:
     entries = json.loads(dataset.read_text())
 
     from diffsynth_edit.atomic import atomic_path  # noqa: F401  (the writer uses it)
-    from diffsynth_edit.cache.encode import (TORCH_DTYPES, CacheConfig, SampleEncoder, _Writer, load_items,
-                                             run_cache)
+    from diffsynth_edit.cache.config import TORCH_DTYPES, CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
+    from diffsynth_edit.cache.encoder import SampleEncoder
+    from diffsynth_edit.cache.samples import load_items
+    from diffsynth_edit.cache.writer import _Writer
     from diffsynth_edit.cache.manifest import CacheSettings
 
     dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
@@ -412,14 +313,14 @@ def main(argv=None) -> int:
     if args.profile and device.startswith("cuda"):
         from torch.profiler import ProfilerActivity, profile
 
-        from diffsynth_edit.cache.encode import prepare_sample
+        from diffsynth_edit.cache.samples import prepare_sample
 
         prepared = [prepare_sample(it, max_pixels, pipe) for it in items[1:5]]
         encoder.encode(prepared)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             encoder.encode(prepared)
-            _sync(device)
+            sync(device)
             wall = time.perf_counter() - t0
         avg = prof.key_averages()
         profile_text = (f"\n\nOne `SampleEncoder.encode` of 4 prepared samples: {wall:.3f} s wall\n\n```\n"

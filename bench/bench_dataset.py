@@ -22,7 +22,8 @@ from pathlib import Path
 
 import PIL
 
-from diffsynth_edit.dataset.builder import BuildConfig, available_cpus, build_dataset
+from diffsynth_edit.dataset.build_config import BuildConfig
+from diffsynth_edit.dataset.builder import available_cpus, build_dataset
 from diffsynth_edit.dataset.synthetic import make_sample_data
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS_dataset.md"

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from harness import build_full_dit, build_tiny_dit
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,45 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--skip-sequential-cfg", action="store_true", help="skip (d′)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for dit_forward.md (default $OUT)")
     return p.parse_args(argv)
-
-
-# ---- model ---------------------------------------------------------------------------------------------------------
-def build_full_dit(device: str, dtype: torch.dtype):
-    from diffsynth.models.qwen_image_dit import QwenEmbedRope, QwenImageDiT
-
-    with torch.device("meta"):
-        dit = QwenImageDiT()
-    dit = dit.to(dtype).to_empty(device=device)  # cast on meta first: fp32 storage would not fit an 80 GB card
-    init_random_(dit)
-    # QwenEmbedRope keeps its frequency tables as plain tensors, created on meta above: rebuild them for real.
-    rope = dit.pos_embed
-    dit.pos_embed = QwenEmbedRope(theta=rope.theta, axes_dim=list(rope.axes_dim), scale_rope=rope.scale_rope)
-    return dit.eval().requires_grad_(False)
-
-
-def build_tiny_dit(device: str, dtype: torch.dtype):
-    from diffsynth_edit.tiny import TinyQwenImageDiT
-
-    torch.manual_seed(0)
-    dit = TinyQwenImageDiT()
-    init_random_(dit)
-    return dit.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def init_random_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Weights ~ N(0, std), biases 0, norm scales 1."""
-    gen_device = next(model.parameters()).device
-    g = torch.Generator(device=gen_device).manual_seed(seed)
-    norm_types = ("RMSNorm", "LayerNorm")
-    for mod_name, mod in model.named_modules():
-        for name, p in mod.named_parameters(recurse=False):
-            if name == "bias":
-                p.zero_()
-            elif type(mod).__name__ in norm_types:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=g)
 
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
@@ -173,7 +136,7 @@ def main(argv=None) -> int:
     from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 
     from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
-    from diffsynth_edit.editor import Editor, EditSettings, PreparedEdit
+    from diffsynth_edit.editing.editor import Editor, EditSettings, PreparedEdit
     from diffsynth_edit.geometry import Box
     from diffsynth_edit.ste import STE
 

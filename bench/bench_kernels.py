@@ -14,27 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
-from bench_cache import _init_random_
-from bench_dit_forward import build_full_dit, build_tiny_dit
-from bench_train_step import sync, write_report
-
-
-def timed(fn, device: str, warmup: int, repeats: int):
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+from harness import (build_full_dit, build_full_pipeline, build_tiny_dit, build_tiny_pipeline, init_random_by_name_,
+                     sync, timed, write_report)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,7 +55,7 @@ def main() -> int:
         with torch.device(device):
             ref = QwenImageVAE(base_dim=8, num_res_blocks=1) if a.tiny else QwenImageVAE()
         ref = ref.to(dtype).eval().requires_grad_(False)
-        _init_random_(ref)
+        init_random_by_name_(ref)
         fast = copy.deepcopy(ref)
         patched = speedups.single_frame_vae(fast)
         lines += [f"(A) VAE, {patched} convs run as 2D", "", "| case | diffsynth | single-frame 2D | speed-up | max abs diff |",
@@ -256,7 +240,6 @@ def te_breakdown(a, device: str, dtype: torch.dtype, size: int) -> list[str]:
 
     from PIL import Image
 
-    from bench_cache import build_full_pipeline, build_tiny_pipeline
     from diffsynth_edit import encoding
 
     pipe = build_tiny_pipeline(Path(tempfile.mkdtemp()) / "tiny", device, dtype) if a.tiny else \

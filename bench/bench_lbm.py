@@ -20,9 +20,8 @@ import time
 import torch
 from PIL import Image
 
-from bench_cache import build_full_pipeline, build_tiny_pipeline, tokenizer_choice
-from bench_dit_forward import build_full_dit, build_tiny_dit
-from bench_train_step import strip_lora, sync, time_steps, write_report
+from harness import (build_full_dit, build_full_pipeline, build_tiny_dit, build_tiny_pipeline, strip_lora, sync,
+                     time_steps, tokenizer_choice, write_report)
 
 
 def main() -> int:
@@ -96,7 +95,7 @@ def main() -> int:
                 break
 
     # ---- end-to-end edits --------------------------------------------------------------------------------------
-    from diffsynth_edit.editor import EditRequest, EditSettings, Editor
+    from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor
 
     if a.tiny:
         import tempfile
@@ -182,10 +181,10 @@ def main() -> int:
 
 def profile_prepare(editor, request, device: str, repeats: int) -> list[str]:
     """`Editor.prepare` timed with and without the VAE side stream, and one profiled call's op table."""
-    from diffsynth_edit.editor import EditSettings
+    from diffsynth_edit.editing.editor import EditSettings
 
-    from bench_kernels import timed as timed_median
     from diffsynth_edit import encoding
+    from harness import timed as timed_median
 
     settings = EditSettings(sampler="lbm", steps=1, cfg_scale=1.0)
 

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from bench_train_step import sync, write_report
+from harness import init_random_by_name_, sync, write_report
+
 
 VARIANTS = {
     "default": ({}, []),
@@ -62,7 +63,6 @@ def first_and_repeat(fn, device: str) -> tuple[float, float]:
 
 
 def measure(tiny: bool, k: int, seed: int) -> dict:
-    from bench_cache import _init_random_
     from diffsynth.models.qwen_image_vae import QwenImageVAE
 
     from diffsynth_edit.speedups import single_frame_vae
@@ -73,7 +73,7 @@ def measure(tiny: bool, k: int, seed: int) -> dict:
     with torch.device(device):
         vae = QwenImageVAE(base_dim=8, num_res_blocks=1) if tiny else QwenImageVAE()
     vae = vae.to(dtype).eval().requires_grad_(False)
-    _init_random_(vae)
+    init_random_by_name_(vae)
     single_frame_vae(vae)
     out: dict = {case: [] for case in CASES}
     with torch.no_grad():

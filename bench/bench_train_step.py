@@ -17,55 +17,10 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights inclu
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 
 import torch
 
-from bench_dit_forward import build_full_dit, build_tiny_dit
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def strip_lora(dit: torch.nn.Module) -> None:
-    """Undo a peft injection in place (put every base layer back)."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(dit.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent = dit.get_submodule(name.rsplit(".", 1)[0]) if "." in name else dit
-            setattr(parent, name.rsplit(".", 1)[-1], module.base_layer)
-    for p in dit.parameters():
-        p.requires_grad_(False)
-
-
-def write_report(text: str, filename: str) -> None:
-    """Print a result table and, when $OUT is set, write it there too."""
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], filename), "w") as f:
-            f.write(text + "\n")
-
-
-def time_steps(step_fn, device, warmup, repeats):
-    for _ in range(warmup):
-        step_fn()
-    sync(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        step_fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else float("nan")
-    return statistics.median(times), peak, times
+from harness import build_full_dit, build_tiny_dit, strip_lora, time_steps, write_report
 
 
 def main() -> int:

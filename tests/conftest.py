@@ -49,6 +49,6 @@ def tiny_pipe(tiny_sources):
 
 @pytest.fixture()
 def editor(tiny_pipe):
-    from diffsynth_edit.editor import Editor
+    from diffsynth_edit.editing.editor import Editor
 
     return Editor(tiny_pipe, variant="2511")

@@ -28,7 +28,7 @@ def app_url(tiny_sources, tmp_path_factory):
     from diffsynth_edit.app.service import EditService
     from diffsynth_edit.app.testing import free_port, make_test_checkpoint, wait_for_http
     from diffsynth_edit.app.ui import build_ui, launch
-    from diffsynth_edit.editor import Editor
+    from diffsynth_edit.editing.editor import Editor
     from diffsynth_edit.loading import load_pipeline
 
     threads = torch.get_num_threads()

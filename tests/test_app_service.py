@@ -14,7 +14,7 @@ from PIL import Image
 from diffsynth_edit.app.checkpoints import CheckpointAccessError, list_checkpoints, resolve_checkpoint
 from diffsynth_edit.app.config import parse_app_config
 from diffsynth_edit.app.errors import AppInputError
-from diffsynth_edit.app.images import limit_pixels, mask_from_editor
+from diffsynth_edit.app.uploads import limit_pixels, mask_from_editor
 from diffsynth_edit.app.testing import make_test_checkpoint
 from diffsynth_edit.checkpoint import write_checkpoint
 
@@ -63,7 +63,7 @@ def roots(tmp_path_factory, app_pipe):
 @pytest.fixture()
 def service(app_pipe, roots):
     from diffsynth_edit.app.service import EditService
-    from diffsynth_edit.editor import Editor
+    from diffsynth_edit.editing.editor import Editor
 
     editor = Editor(app_pipe, variant="2511", hot_swap=True)
     svc = EditService(editor, [roots["train"], roots["extra"]], max_upload_pixels=4096 * 4096,
@@ -257,7 +257,7 @@ def test_bad_image_files(service, tmp_path):
         service.generate(str(tmp_path / "missing.png"), None, "x", **FAST)
     with pytest.raises(AppInputError, match="empty"):
         service.generate(_image(), Image.new("L", (64, 48), 0), "x", **FAST)
-    import diffsynth_edit.app.images as images_mod
+    import diffsynth_edit.app.uploads as images_mod
 
     _image().save(tmp_path / "ok.png")
     old, images_mod.HARD_PIXEL_LIMIT = images_mod.HARD_PIXEL_LIMIT, 100

@@ -99,7 +99,7 @@ def verify(cache_dir: Path, capsys) -> tuple[int, str]:
 # ---- equality with the editor --------------------------------------------------------------------------------------
 def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
     from diffsynth_edit.cache import open_cache
-    from diffsynth_edit.editor import EditRequest, EditSettings, Editor, fit_image, to_rgb
+    from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor, fit_image, to_rgb
     from diffsynth_edit.encoding import vae_encode, white_latents
 
     data = tmp_path / "data"
@@ -168,7 +168,7 @@ def test_open_cache_errors(tmp_path):
 
 
 def test_preset_and_overrides():
-    from diffsynth_edit.cache.encode import CacheConfig
+    from diffsynth_edit.cache.config import CacheConfig
     from diffsynth_edit.config import parse_config
 
     for v in ("2511", "2509"):
@@ -396,7 +396,8 @@ def test_negative_stored_as_prefix_and_tail(tiny_root, tmp_path, capsys, monkeyp
 def test_process_workers_write_identical_files(tiny_root, tmp_path):
     """Image preparation in worker processes (the CUDA default) gives byte-identical files to threads; the summary
     carries the per-stage timings."""
-    from diffsynth_edit.cache.encode import CacheConfig, run_cache
+    from diffsynth_edit.cache.config import CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
 
     data = tmp_path / "data"
     dataset = simple_dataset(data, n=3)
@@ -429,7 +430,7 @@ def test_compiled_vae_failure_falls_back_to_eager_with_a_message(tiny_pipe, monk
     """A compiler error in the first VAE batch must not end a long cache run: the encoder undoes the compile, says
     so, and encodes eagerly (same latents)."""
     from diffsynth_edit import encoding
-    from diffsynth_edit.cache.encode import SampleEncoder
+    from diffsynth_edit.cache.encoder import SampleEncoder
 
     messages = []
     enc = SampleEncoder(tiny_pipe, torch.float32, batch_size=2, compile_vae=False, log=messages.append)
@@ -459,7 +460,9 @@ def test_compiled_vae_failure_falls_back_to_eager_with_a_message(tiny_pipe, monk
 def test_side_thread_sub_crops_equal_inline_encoding(tiny_sources, tmp_path, device):
     """Sub crops encoded by the side thread (on CUDA: on its own stream, the default there) give bit-identical
     entries to encoding them inline; same-size crops are batched; an error in the side thread reaches the caller."""
-    from diffsynth_edit.cache.encode import CacheConfig, SampleEncoder, load_items, prepare_sample
+    from diffsynth_edit.cache.config import CacheConfig
+    from diffsynth_edit.cache.encoder import SampleEncoder
+    from diffsynth_edit.cache.samples import load_items, prepare_sample
     from diffsynth_edit.loading import load_pipeline
 
     pipe = load_pipeline(tiny_sources, device=device, torch_dtype=torch.float32)
@@ -516,7 +519,7 @@ def test_worker_pool_starts_every_worker_at_once(tiny_pipe):
     the pool."""
     import copy
 
-    from diffsynth_edit.cache import encode
+    from diffsynth_edit.cache import workers as encode
 
     processor = copy.copy(tiny_pipe.processor)
     processor.ballast = bytes(4_000_000)  # the real Qwen processor pickles to several MB

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from diffsynth_edit.checkpoint import CheckpointError, parse_state_dict, read_checkpoint, write_checkpoint
-from diffsynth_edit.editor import Editor, EditRequest, EditSettings
+from diffsynth_edit.editing.editor import Editor, EditRequest, EditSettings
 from diffsynth_edit.loading import load_pipeline
 from diffsynth_edit.ste import STE
 

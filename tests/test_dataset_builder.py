@@ -15,12 +15,14 @@ from PIL import Image, ImageOps
 
 from diffsynth_edit import atomic
 from diffsynth_edit.dataset import load_dataset
-from diffsynth_edit.dataset.builder import BuildConfig, build_dataset, derive_mask, split_test_ids
+from diffsynth_edit.dataset.build_config import BuildConfig
+from diffsynth_edit.dataset.builder import build_dataset, split_test_ids
 from diffsynth_edit.dataset.cli import main as cli_main
-from diffsynth_edit.dataset.image_io import ImageDecodeError, open_mask, open_rgb
+from diffsynth_edit.dataset.masks import derive_mask
 from diffsynth_edit.dataset.synthetic import make_sample_data
 from diffsynth_edit.dataset.validate import validate_dataset
 from diffsynth_edit.geometry import fit_size, mask_bbox
+from diffsynth_edit.image_io import ImageDecodeError, open_mask, open_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,7 +307,7 @@ def test_open_mask_alpha_rules(tmp_path):
     m = np.asarray(open_mask(tmp_path / "opaque.png"))
     assert (m[0:4, 0:2] == 255).all() and m.sum() == 8 * 255
     # the editor (and so the cache and the app) reads every one of these masks the same way
-    from diffsynth_edit.editor import prepare_mask
+    from diffsynth_edit.editing.editor import prepare_mask
 
     for name in ("strokes", "matte", "red", "opaque"):
         got, _ = prepare_mask(Image.open(tmp_path / f"{name}.png"), (16, 16))

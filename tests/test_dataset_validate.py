@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffsynth_edit.dataset.builder import BuildConfig, build_dataset
+from diffsynth_edit.dataset.build_config import BuildConfig
+from diffsynth_edit.dataset.builder import build_dataset
 from diffsynth_edit.dataset.cli import main as cli_main
 from diffsynth_edit.dataset.schema import (DatasetEntry, DatasetFormatError, load_dataset, load_dataset_json,
                                            save_dataset_json)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
-from diffsynth_edit import evaluate as ev
-from diffsynth_edit.edit_cli import main as cli_main
+from diffsynth_edit.editing import evaluate as ev
+from diffsynth_edit.editing.cli import main as cli_main
 
 FAST = ["--steps", "2", "--cfg", "2", "--device", "cpu", "--progress", "false"]
 
@@ -160,7 +160,7 @@ def test_edit_subprocess_then_resume(dataset, tiny_root, tmp_path):
     for name, stamp in stamps.items():
         if not name.startswith("s1"):  # s1's image was deleted, so s1 is redone (its sub image too)
             assert (out / name).stat().st_mtime_ns == stamp, f"{name} was rewritten"
-    import diffsynth_edit.edit_cli as edit_cli
+    import diffsynth_edit.editing.cli as edit_cli
 
     rc = edit_cli.run_edit(edit_cli.parse_config(edit_cli.EditConfig, [
         "--dataset", str(dataset), "--model-root", str(tiny_root), "--out", str(out), "--mode", "bridge", *FAST]),
@@ -170,7 +170,7 @@ def test_edit_subprocess_then_resume(dataset, tiny_root, tmp_path):
 
 def test_edit_outputs_are_deterministic_and_match_the_editor(dataset, tiny_root, tiny_pipe, tmp_path):
     """The CLI output equals a direct Editor call with the same settings (same seed, plain mode)."""
-    from diffsynth_edit.editor import Editor, EditRequest, EditSettings
+    from diffsynth_edit.editing.editor import Editor, EditRequest, EditSettings
 
     out = tmp_path / "one"
     src = dataset.parent / "src" / "s0.png"
@@ -217,7 +217,7 @@ def test_evaluate(dataset, tiny_root, tmp_path):
     assert grid.width > 4 * 64 and grid.height > 2 * 64
     # re-evaluation reuses the edited images
     logs = []
-    import diffsynth_edit.edit_cli as edit_cli
+    import diffsynth_edit.editing.cli as edit_cli
 
     cfg = edit_cli.parse_config(edit_cli.EvaluateConfig, ["--dataset", str(dataset), "--model-root", str(tiny_root),
                                                           "--out", str(out), "--mode", "bridge", *FAST])
@@ -227,7 +227,7 @@ def test_evaluate(dataset, tiny_root, tmp_path):
 
 
 def test_evaluate_reports_missing_target(dataset, tiny_root, tmp_path):
-    import diffsynth_edit.edit_cli as edit_cli
+    import diffsynth_edit.editing.cli as edit_cli
 
     records = json.loads(dataset.read_text())
     records[1]["image"] = "tgt/missing.png"

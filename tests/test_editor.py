@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffsynth_edit.editor import Editor, EditInputError, EditRequest, EditSettings, fit_image, prepare_mask, to_rgb
+from diffsynth_edit.editing.editor import (Editor, EditInputError, EditRequest, EditSettings, fit_image, prepare_mask,
+                                            to_rgb)
 
 FAST = dict(steps=2, cfg_scale=2.0)
 CHEAP = dict(steps=2, cfg_scale=1.0)  # one DiT call per step
@@ -126,7 +127,7 @@ def test_lbm_plain_mode_runs(editor):
 def test_flow_sampler_one_step_is_finite(editor):
     """EditSettings accepts flow steps=1, but `flow_sigmas(1, ...)` is [nan, 0] (the Qwen schedule's terminal
     shift divides by 1 − σ_last = 0 when the only σ is 1), so the one-step edit comes out NaN (a black image)."""
-    from diffsynth_edit.sampling import flow_sigmas
+    from diffsynth_edit.editing.sampling import flow_sigmas
 
     EditSettings(steps=1).validate()  # accepted ...
     assert torch.isfinite(flow_sigmas(1, 64, 64)).all(), flow_sigmas(1, 64, 64)
@@ -136,7 +137,7 @@ def test_flow_sampler_one_step_is_finite(editor):
 
 @pytest.mark.parametrize("steps", [2, 3, 40])
 def test_flow_sigmas_finite_and_decreasing(steps):
-    from diffsynth_edit.sampling import flow_sigmas
+    from diffsynth_edit.editing.sampling import flow_sigmas
 
     s = flow_sigmas(steps, 1024, 1024)
     assert s.shape == (steps + 1,) and torch.isfinite(s).all()
@@ -177,7 +178,7 @@ def test_blending_without_mask_is_a_no_op(editor):
 
 # ---- CFG -----------------------------------------------------------------------------------------------------------
 def _spy_batches(monkeypatch):
-    import diffsynth_edit.editor as editor_module
+    import diffsynth_edit.editing.editor as editor_module
 
     sizes = []
     real = editor_module.bridge_forward

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffsynth_edit.sampling import euler_step, lbm_grid
+from diffsynth_edit.editing.sampling import euler_step, lbm_grid
 from diffsynth_edit.training.losses import (bridge_interpolate, draw_from_grid, lbm_predicted_target, lbm_target,
                                             make_lbm_inputs)
 

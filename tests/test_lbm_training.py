@@ -96,7 +96,7 @@ def test_sub_stream_is_modulated_like_main(tiny_pipe):
 
 def test_lbm_learning_one_step_edit(cache_dir, tiny_root, tmp_path):
     """After LBM training, the 1-step edit's latent error to the target is at most half the source's."""
-    from diffsynth_edit.editor import EditSettings, Editor
+    from diffsynth_edit.editing.editor import EditSettings, Editor
     from diffsynth_edit.training.validation import prepared_from_cache
 
     cfg = make_cfg(cache_dir, tiny_root, tmp_path, objective="lbm", mode="plain", lora_rank=32, learning_rate=1e-2,

@@ -13,7 +13,8 @@ from edit_data import make_edit_dataset
 
 @pytest.fixture(scope="module")
 def cache_dir(tiny_root, tmp_path_factory):
-    from diffsynth_edit.cache.encode import CacheConfig, run_cache
+    from diffsynth_edit.cache.config import CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
 
     root = tmp_path_factory.mktemp("train_data")
     dataset = make_edit_dataset(root / "raw", n=4, size=64)
@@ -194,7 +195,7 @@ def test_variant_flag_must_match_manifest(cache_dir, tiny_root, tmp_path):
 
 def _edit_errors(trainer):
     """Latent MSE of 20-step edits to the targets, and of the unedited sources to the targets."""
-    from diffsynth_edit.editor import EditSettings, Editor
+    from diffsynth_edit.editing.editor import EditSettings, Editor
     from diffsynth_edit.training.validation import prepared_from_cache
 
     editor = Editor(trainer.pipe, variant="2511", mode="plain")

@@ -2,7 +2,7 @@
 
 - config.py: AppConfig (TOML preset `configs/app.toml` + flags)
 - checkpoints.py: listing checkpoints under the roots, the root check
-- images.py: image/mask inputs, upload limit, mask from the editor's brush layer
+- uploads.py: uploaded image/mask values to PIL, upload limit, mask from the editor's brush layer
 - service.py: EditService (gradio-free: checkpoint hot-swap, validation, one edit)
 - ui.py: the gradio Blocks and the `/edit` API endpoint
 """

@@ -22,12 +22,12 @@ from PIL import Image
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
+from ..editing.editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
 from ..loading import MissingWeightsError, ModelSources, load_pipeline
 from .checkpoints import (CheckpointAccessError, CheckpointEntry, list_checkpoints, resolve_checkpoint,
                           resolve_roots)
 from .errors import AppInputError
-from .images import limit_pixels, mask_coverage, open_image
+from .uploads import limit_pixels, mask_coverage, open_image
 
 SAMPLERS = {"flow": "flow", "flow_matching": "flow", "flow-matching": "flow", "fm": "flow", "lbm": "lbm"}
 LBM_MAX_STEPS = 4

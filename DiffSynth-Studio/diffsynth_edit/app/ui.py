@@ -29,9 +29,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from ..editor import to_rgb  # noqa: E402
+from ..editing.editor import to_rgb  # noqa: E402
 from .errors import AppInputError  # noqa: E402
-from .images import mask_from_editor  # noqa: E402
+from .uploads import mask_from_editor  # noqa: E402
 from .png import save_png  # noqa: E402
 from .service import LBM_MAX_STEPS, EditService  # noqa: E402
 

@@ -15,7 +15,8 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
     from ..config import parse_config
     from ..loading import MissingWeightsError
     from ..variants import VariantMismatchError
-    from .encode import CacheConfig, CacheRunError, run_cache
+    from .config import CacheConfig, CacheRunError
+    from .encode import run_cache
 
     cfg = parse_config(CacheConfig, argv, prog="train_2511.py cache", section="cache",
                        description="Encode a dataset (text encoder + VAE, never the DiT) into a resumable cache.")

@@ -43,7 +43,8 @@ def _parse(cls: type[T], argv: Sequence[str], prog: str, section: str, positiona
 
 
 def main_build(argv: Sequence[str]) -> int:
-    from .builder import BuildConfig, build_dataset
+    from .build_config import BuildConfig
+    from .builder import build_dataset
 
     cfg = _parse(BuildConfig, argv, "generate_dataset_json_mp.py build", "build")
     try:

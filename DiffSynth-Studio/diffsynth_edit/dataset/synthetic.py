@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from .image_io import atomic_save_image
+from ..image_io import atomic_save_image
 
 EDIT_TYPES = {
     "recolor": "Recolor an object",

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..geometry import ALIGN, binarize_mask, mask_bbox
-from .image_io import ImageDecodeError, decode_image, to_mask, to_rgb
+from ..image_io import ImageDecodeError, decode_image, to_mask, to_rgb
 from .schema import OPTIONAL_PATH_KEYS, DatasetFormatError, dataset_base_dir, read_records, resolve_path
 
 SWAP_MARGIN = 2.0  # 0..255 units: how much better edit_image[0] must match ref_gt than `image` does

@@ -7,7 +7,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..cache.store import CachedSample, open_cache
-from ..editor import EditSettings, Editor, PreparedEdit
+from ..editing.editor import EditSettings, Editor, PreparedEdit
 from ..encoding import vae_decode
 from ..geometry import Box
 from ..imagegrid import make_grid

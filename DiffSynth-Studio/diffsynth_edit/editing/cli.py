@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from .config import ConfigError, ModelPathOptions, config_to_dict, parse_config
+from ..config import ConfigError, ModelPathOptions, config_to_dict, parse_config
 
 USAGE = """usage:
   edit_images.py edit (--dataset FILE.json | --image IMG --prompt TEXT [--mask MASK]) --out DIR [model/sampler flags]
@@ -132,7 +132,7 @@ class TinyModelConfig:
 
 
 def _validate_common(cfg) -> None:
-    from .variants import get_variant
+    from ..variants import get_variant
 
     try:
         cfg.variant = get_variant(cfg.variant).name
@@ -197,7 +197,7 @@ def expects_sub_image(cfg: ModelOptions) -> bool:
 
 def build_editor(cfg: ModelOptions):
     from .editor import Editor
-    from .loading import load_pipeline
+    from ..loading import load_pipeline
 
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
@@ -241,7 +241,7 @@ class Job:
 
 
 def jobs_from_dataset(path: Path, base_path: Path | None = None, limit: int | None = None) -> list[Job]:
-    from .dataset.schema import load_dataset
+    from ..dataset.schema import load_dataset
 
     entries = load_dataset(path, base_path)
     if limit is not None:
@@ -274,7 +274,7 @@ def open_image(path: Path, what: str):
 def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = "") -> dict[str, Any]:
     """Edit one job and write its outputs atomically (sub image and sidecar first, the main image last, so an
     existing main image means a complete sample)."""
-    from .atomic import atomic_write_json
+    from ..atomic import atomic_write_json
     from .editor import EditRequest
     from .evaluate import save_png
 
@@ -336,7 +336,7 @@ def _progress(items, enabled: bool, desc: str):
 
 def _write_run_info(out_dir: Path, cfg, command: str) -> None:
     import diffsynth_edit
-    from .atomic import atomic_write_json
+    from ..atomic import atomic_write_json
 
     try:
         from importlib.metadata import version
@@ -452,7 +452,7 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> int:
 
 
 def run_tiny_model(cfg: TinyModelConfig, log=print) -> int:
-    from .tiny import write_tiny_model
+    from ..tiny import write_tiny_model
 
     root = write_tiny_model(cfg.out, seed=cfg.seed)
     log(f"tiny model in {root}; use it with --model-root {root}")
@@ -475,8 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls, run = COMMANDS[command]
     cfg = parse_config(cls, rest, prog=f"edit_images.py {command}", section=command.replace("-", "_"),
                        description=(cls.__doc__ or "").strip())
-    from .checkpoint import CheckpointError
-    from .loading import MissingWeightsError
+    from ..checkpoint import CheckpointError
+    from ..loading import MissingWeightsError
 
     try:
         return run(cfg)

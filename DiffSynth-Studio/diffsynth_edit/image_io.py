@@ -1,4 +1,4 @@
-"""Robust image reading and atomic image writing.
+"""Robust image reading and atomic image writing, shared by the dataset builder, the cache, the editor and the app.
 
 Reading: any format Pillow decodes (PNG, JPEG, WebP, BMP, TIFF), fully decoded up front so that corrupt or
 truncated files fail here with `ImageDecodeError` (naming the file and the reason), EXIF orientation applied.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from ..atomic import atomic_path, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
+from .atomic import atomic_path, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .bridge_dit import DiTInputs, bridge_forward
-from .checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
-from .dataset.image_io import to_mask
-from .encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode, vae_encode, white_latents
-from .geometry import Box, binarize_mask, fit_size, mask_bbox
-from .loading import ModelSources, load_pipeline
+from ..bridge_dit import DiTInputs, bridge_forward
+from ..checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
+from ..image_io import to_mask
+from ..encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode, vae_encode, white_latents
+from ..geometry import Box, binarize_mask, fit_size, mask_bbox
+from ..loading import ModelSources, load_pipeline
+from ..speedups import quantize_dit_fp8
+from ..ste import STE
+from ..variants import get_variant
 from .sampling import euler_step, flow_sigmas, lbm_grid
-from .speedups import quantize_dit_fp8
-from .ste import STE
-from .variants import get_variant
 
 MAX_ASPECT = 16.0
 
@@ -107,8 +107,8 @@ class EditResult:
 
 def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     """EXIF orientation applied; transparency composited onto white; 16-bit and float scaled to 8 bits; RGB.
-    The same conversion the dataset builder applies to files (dataset.image_io.to_rgb)."""
-    from .dataset.image_io import ImageDecodeError, to_rgb as image_to_rgb
+    The same conversion the dataset builder applies to files (image_io.to_rgb)."""
+    from ..image_io import ImageDecodeError, to_rgb as image_to_rgb
 
     if not isinstance(image, Image.Image):
         raise EditInputError(f"{what} must be a PIL image, got {type(image).__name__}")

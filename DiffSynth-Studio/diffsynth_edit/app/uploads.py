@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..geometry import binarize_mask
 from .errors import AppInputError
 
 MASK_ALPHA_MIN = 16
@@ -122,6 +123,7 @@ def mask_from_editor(value: Any) -> tuple[Image.Image | None, Image.Image | None
 
 
 def mask_coverage(mask: Image.Image | None) -> float:
+    """Fraction of the image edited, by the one mask rule (`geometry.binarize_mask`: > 127); 1 without a mask."""
     if mask is None:
         return 1.0
-    return float((np.asarray(mask.convert("L")) > 127).mean())
+    return float(binarize_mask(mask).mean())

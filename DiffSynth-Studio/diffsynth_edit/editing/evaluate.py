@@ -27,8 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from .atomic import atomic_path, atomic_write_json
-from .geometry import binarize_mask
+from ..atomic import atomic_path, atomic_write_json
+from ..geometry import binarize_mask
 
 PSNR_CAP_DB = 100.0
 REGIONS = ("", "_in", "_out")
@@ -209,7 +209,7 @@ def write_metrics(out_dir: Path | str, rows: Sequence[dict[str, Any]], columns: 
 def comparison_grid(rows: Sequence[Sequence[Image.Image | None]], cell: int = 256,
                     labels: Sequence[str] = ("source", "target", "output", "sub image")) -> Image.Image:
     """Rows of (source | target | output | sub image); a missing image (e.g. no sub image) is a white cell."""
-    from .imagegrid import make_grid
+    from ..imagegrid import make_grid
 
     return make_grid([list(r) for r in rows], labels=list(labels), cell=cell)
 
