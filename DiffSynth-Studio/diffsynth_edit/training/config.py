@@ -41,6 +41,9 @@ class TrainConfig:
     cfg_drop_prob: float = 0.1
     gradient_checkpointing: bool = True
     checkpoint_last_n: int | None = field(default=None, metadata={"help": "checkpoint only the last N blocks"})
+    compile_blocks: bool = field(default=False, metadata={
+        "help": "torch.compile each DiT/STE block (regional; on an H200 the step is ~30 % faster after a ~25 s "
+                "first step)"})
     trainable_dtype: Literal["fp32", "bf16"] = "fp32"
     seed: int = 42
     # LBM

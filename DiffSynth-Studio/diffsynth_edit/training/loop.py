@@ -18,6 +18,7 @@ from ..atomic import atomic_write_json, kill_point
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..cache.store import open_cache
 from ..checkpoint import read_checkpoint, write_checkpoint
+from ..speedups import compile_blocks
 from ..config import config_to_dict
 from ..loading import ModelSources, load_pipeline
 from ..ste import STE
@@ -262,6 +263,11 @@ class Trainer:
                                       self.variant.name)
             self._print(f"[train] warm start from {cfg.init_from}: {info}")
         self.n_trainable = sum(p.numel() for p in params)
+        if cfg.compile_blocks:
+            if self.zero3:
+                raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
+                                    "hooks run inside the blocks); use DDP or ZeRO-2, or compile_blocks = false")
+            compile_blocks(dit, self.ste)
         model = EditTrainModel(dit, self.ste, cfg, self.zero_cond_t, vae=self.pipe.vae)
         optimizer = build_optimizer(cfg, params, schedule_free=not self.zero3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
