@@ -321,6 +321,15 @@ def test_verify_catches_truncated_and_nan(tiny_root, tmp_path, capsys):
 
 
 # ---- two ranks -----------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port for the launcher's rendezvous (a fixed one collides with a parallel test run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_run_encodes_each_sample_once(tiny_root, tmp_path, capsys):
     from diffsynth_edit.cache import open_cache
@@ -330,7 +339,7 @@ def test_two_process_run_encodes_each_sample_once(tiny_root, tmp_path, capsys):
     log = tmp_path / "writes.log"
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "train_2511.py"), "cache",
            *cache_args(dataset, cache, tiny_root, "--progress", "false", "--num-workers", 1)]
     r = subprocess.run(cmd, cwd=REPO, env=sub_env(ACCELERATE_USE_CPU="true", DIFFSYNTH_EDIT_CACHE_TEST_LOG=log),
@@ -342,6 +351,13 @@ def test_two_process_run_encodes_each_sample_once(tiny_root, tmp_path, capsys):
     assert sorted(i for _, i in writes) == [f"s{i}" for i in range(5)]  # each sample exactly once
     assert {rank for rank, _ in writes} == {"0", "1"}
     assert len(open_cache(cache)) == 5 and len(sample_files(cache)) == 5
+    # One merged manifest (rank 0's, complete, naming every sample) and nothing else left by either rank.
+    from diffsynth_edit.cache.manifest import read_manifest
+
+    manifest = read_manifest(cache)
+    assert manifest["complete"] is True and len(manifest["entries"]) == 5
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json", "samples"]
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == sorted(["manifest.json", *sample_files(cache)])
     rc, out = verify(cache, capsys)
     assert rc == 0, out
 

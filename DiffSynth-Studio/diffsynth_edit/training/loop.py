@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from ..ste import STE
 from ..variants import check_same_variant, get_variant
 from .config import TrainConfig
 from .data import BatchStream, collate, sample_generator
+from .distributed import build_accelerator
 from .logger import RunLogger
 from .lora import inject_lora, load_into_training, lora_state_dict
 from .losses import combine_losses, lbm_predicted_target, make_lbm_inputs, make_sft_inputs, per_sample_mse
@@ -164,7 +164,10 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def is_schedule_free(optimizer) -> bool:
-    return hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "ProdigyPlus" in type(optimizer).__name__
+    """ProdigyPlusScheduleFree with schedule-free on (ZeRO-3 builds it with use_schedulefree=False: it keeps its
+    eval()/train() methods, but they do nothing and the weights are the trained ones)."""
+    return (hasattr(optimizer, "eval") and hasattr(optimizer, "train") and "ProdigyPlus" in type(optimizer).__name__
+            and all(g.get("use_schedulefree", True) for g in optimizer.param_groups))
 
 
 def effective_lr(optimizer) -> float:
@@ -182,18 +185,8 @@ def _base_optimizer(optimizer):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
-
         self.cfg = cfg
-        use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-        if use_deepspeed and not torch.cuda.is_available():
-            PartialState(backend="gloo")  # accelerate leaves the backend unset for DeepSpeed on CPU
-        # `cpu=True` would silently turn DeepSpeed off (and break accelerate's state); DeepSpeed finds the CPU itself.
-        cpu = not use_deepspeed and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation, cpu=cpu,
-            # The last block's text-stream output is discarded, so its txt_* LoRA gets no gradient.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.accelerator = build_accelerator(cfg)  # the scheduler steps once per optimizer step in every mode
         self.main = self.accelerator.is_main_process
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         self.zero_stage = 0  # ZeRO stage under DeepSpeed (0 also without DeepSpeed)
@@ -523,19 +516,22 @@ class Trainer:
                         if cfg.grad_clip > 0:
                             self.accelerator.clip_grad_norm_(self._params(), cfg.grad_clip)
                         self.optimizer.step()
+                        step_lr = effective_lr(_base_optimizer(self.optimizer))  # the lr this step used
                         self.scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            loss_v = self.accelerator.reduce(acc_loss, reduction="mean").item()
+            # Means over all ranks' micro-batches (each rank's own mean would log rank 0's share only).
+            loss_v, main_v, sub_v = self.accelerator.reduce(torch.stack([acc_loss, acc_main, acc_sub]),
+                                                            reduction="mean").tolist()
             running = loss_v if running is None else 0.9 * running + 0.1 * loss_v
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 dt = time.time() - t0
                 logger.log(self.step, {
-                    "loss": loss_v, "loss_main": acc_main.item(),
-                    "loss_sub": acc_sub.item() if cfg.mode == "bridge" else "",
-                    "lr": effective_lr(_base_optimizer(self.optimizer)), "grad_norm": grad_norm,
+                    "loss": loss_v, "loss_main": main_v,
+                    "loss_sub": sub_v if cfg.mode == "bridge" else "",
+                    "lr": step_lr, "grad_norm": grad_norm,
                     "samples_per_s": samples / max(dt, 1e-9),
                     "peak_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                                      if self.device.type == "cuda" else "")})
