@@ -162,7 +162,7 @@ def test_files_outside_the_upload_folder_are_refused(live):
     that an input file was uploaded to this server still runs: a path elsewhere on the server is refused."""
     outside = str(live["files"] / "image.png")  # exists on the server's disk, but was never uploaded
     payload = {"path": outside, "meta": {"_type": "gradio.FileData"}, "orig_name": "image.png"}
-    msg = _raw_join(live["url"], [payload, None, "x", None, "", 1.0, "flow", 1, 1.0, 0, 0.0, ""])
+    msg = _raw_join(live["url"], [payload, None, "x", None, "", 1.0, "flow", 1, 1.0, 0, 0.0, "", "qwen"])
     assert msg.get("success") is False and "not uploaded" in msg["output"]["error"], msg
     _assert_error(live, "no image", image=None)  # and the server keeps serving
 
@@ -175,12 +175,12 @@ def test_checkpoint_listing_endpoint(live):
 def test_extra_loras_are_applied_through_the_api(live):
     _, _, base = _edit(live, checkpoint="run1/step-10.safetensors", steps=1)
     image, _, settings = _edit(live, checkpoint="run1/step-10.safetensors", steps=1,
-                               loras="loras/lightning.safetensors:0.5")
-    assert settings["checkpoint"] == "run1/step-10.safetensors"
+                               loras="loras/lightning.safetensors:0.5", schedule="lightning")
+    assert settings["checkpoint"] == "run1/step-10.safetensors" and settings["schedule"] == "lightning"
     assert [(x["name"], x["layout"], x["strength"]) for x in settings["extra_loras"]] == [
         ("loras/lightning.safetensors", "lightning", 0.5)]
     image_base, _, settings_base = _edit(live, checkpoint="run1/step-10.safetensors", steps=1)
-    assert settings_base["extra_loras"] == [] and base["extra_loras"] == []
+    assert settings_base["extra_loras"] == [] and base["extra_loras"] == [] and base["schedule"] == "qwen"
     assert np.asarray(Image.open(image)).tobytes() != np.asarray(Image.open(image_base)).tobytes()
     _assert_error(live, "inside the checkpoint roots", loras="../outside/evil.safetensors")
 

@@ -452,3 +452,10 @@ def test_extra_lora_with_ste_keys_is_refused_naming_the_key(lora_service, app_pi
     make_test_checkpoint(app_pipe.dit, root / "run" / "step-9.safetensors", step=9, seed=2, with_ste=True)
     with pytest.raises(AppInputError, match=r"LoRA run/step-9.safetensors: key 'pipe\.ste\..*STE weight"):
         lora_service.generate(_image(), _mask(), "p", loras="run/step-9.safetensors", **FAST)
+
+
+def test_unknown_schedule_refused_lightning_schedule_applied(lora_service):
+    with pytest.raises(AppInputError, match="unknown schedule 'fast'"):
+        lora_service.generate(_image(), _mask(), "p", schedule="fast", **FAST)
+    out = lora_service.generate(_image(), _mask(), "p", schedule="lightning", **FAST)
+    assert out.settings["schedule"] == "lightning"

@@ -338,3 +338,25 @@ def test_cli_stacks_loras_and_names_bad_files(tiny_root, tiny_pipe, tmp_path, ca
     assert main([*common, "--out", str(tmp_path / "y"), "--lora", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "'transformer_blocks.0.attn.to_q.lora_A.weight'" in err and str(bad) in err, err
+
+
+# ---- the Lightning schedule -----------------------------------------------------------------------------------------
+def test_lightning_schedule_is_shift_3_without_terminal_stretch():
+    from diffsynth_edit.sampling import flow_sigmas
+
+    got = flow_sigmas(4, 1024, 1024, "lightning")
+    s = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    torch.testing.assert_close(got, torch.cat([3 * s / (1 + 2 * s), torch.zeros(1)]), rtol=0, atol=1e-6)
+    assert not torch.allclose(flow_sigmas(4, 1024, 1024), got)
+    with pytest.raises(ValueError, match="schedule"):
+        flow_sigmas(4, 64, 64, "karras")
+
+
+def test_editor_and_service_take_the_schedule(editor):
+    from diffsynth_edit.editor import EditInputError, EditSettings
+
+    qwen = editor.edit(_request(), EditSettings(steps=3, cfg_scale=1.0))
+    light = editor.edit(_request(), EditSettings(steps=3, cfg_scale=1.0, schedule="lightning"))
+    assert light.settings["schedule"] == "lightning" and not torch.equal(qwen.latents, light.latents)
+    with pytest.raises(EditInputError, match="schedule"):
+        EditSettings(schedule="fast").validate()

@@ -60,6 +60,8 @@ class SamplerOptions:
     blend_alpha: float = field(default=0.0, metadata=_h("background blending outside the mask, 0 = off"))
     max_pixels: int = field(default=1024 * 1024, metadata=_h("inputs are scaled down to at most this many pixels"))
     batch_cfg: bool = field(default=True, metadata=_h("positive and negative prompt in one batched DiT call"))
+    schedule: Literal["qwen", "lightning"] = field(default="qwen", metadata=_h(
+        "flow sigmas: qwen (dynamic shift) or lightning (shift 3, for Lightning LoRAs)"))
     negative_prompt: str = field(default="", metadata=_h("negative prompt for CFG"))
 
 
@@ -184,7 +186,8 @@ def settings_from(cfg: SamplerOptions):
     from .editor import EditSettings
 
     return EditSettings(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg, seed=cfg.seed,
-                        blend_alpha=cfg.blend_alpha, max_pixels=cfg.max_pixels, batch_cfg=cfg.batch_cfg)
+                        blend_alpha=cfg.blend_alpha, max_pixels=cfg.max_pixels, batch_cfg=cfg.batch_cfg,
+                        schedule=cfg.schedule)
 
 
 def sources_from(cfg: ModelOptions):

@@ -26,7 +26,7 @@ from .encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode
 from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
 from .lora_stack import LoRALayer, LoRAStack
-from .sampling import euler_step, flow_sigmas, lbm_grid
+from .sampling import FLOW_SCHEDULES, euler_step, flow_sigmas, lbm_grid
 from .speedups import quantize_dit_fp8
 from .ste import STE
 from .variants import get_variant
@@ -56,6 +56,7 @@ class EditSettings:
     blend_alpha: float = 0.0
     max_pixels: int = 1024 * 1024
     batch_cfg: bool = True  # batch the CFG pair into one forward when the prompts' lengths match (see predict)
+    schedule: Literal["qwen", "lightning"] = "qwen"  # flow sigmas: Qwen's dynamic shift, or Lightning's shift 3
 
     def validate(self) -> None:
         if self.sampler not in ("flow", "lbm"):
@@ -68,6 +69,8 @@ class EditSettings:
             raise EditInputError(f"blend_alpha must be in [0, 1], got {self.blend_alpha}")
         if self.max_pixels < 256:
             raise EditInputError("max_pixels must be at least 256")
+        if self.schedule not in FLOW_SCHEDULES:
+            raise EditInputError(f"schedule must be one of {', '.join(FLOW_SCHEDULES)}, got {self.schedule!r}")
 
 
 @dataclass
@@ -360,7 +363,7 @@ class Editor:
             gen = torch.Generator("cpu").manual_seed(int(settings.seed))
             noise = torch.randn(1, 16, h // 8, w // 8, generator=gen).to(device)
             sub_noise = torch.randn(1, 16, prep.box.height // 8, prep.box.width // 8, generator=gen).to(device)
-            grid = flow_sigmas(settings.steps, h, w).tolist()
+            grid = flow_sigmas(settings.steps, h, w, settings.schedule).tolist()
             x = noise.clone()
             x_sub = sub_noise.clone() if self.bridge else None
         keep = 1 - prep.mask_latent  # 1 outside the edit region

@@ -26,6 +26,7 @@ from ..editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
 from ..loading import MissingWeightsError, ModelSources, load_pipeline
 from ..lora_formats import LoRAFile, read_lora_file
 from ..lora_stack import LoRALayer
+from ..sampling import FLOW_SCHEDULES
 from .checkpoints import (CheckpointAccessError, CheckpointEntry, list_checkpoints, resolve_checkpoint,
                           resolve_roots)
 from .errors import AppInputError
@@ -306,7 +307,7 @@ class EditService:
                  checkpoint: Any = "", strength: Any = 1.0, sampler: Any = "flow", steps: Any = 40,
                  cfg: Any = 4.0, seed: Any = 0, blend_alpha: Any = 0.0,
                  progress: Callable[[int, int], None] | None = None, mask_source: str | None = None,
-                 notices: Sequence[str] = (), loras: Any = None) -> GenerateOutput:
+                 notices: Sequence[str] = (), loras: Any = None, schedule: Any = "qwen") -> GenerateOutput:
         t0 = time.perf_counter()
         notices = list(notices)
         # -- settings
@@ -319,6 +320,9 @@ class EditService:
             seed = secrets.randbelow(MAX_SEED + 1)
             notices.append(f"random seed {seed}")
         blend_alpha = float(_number("blend_alpha", blend_alpha, 0.0, 1.0))
+        schedule = "qwen" if schedule in (None, "") else schedule
+        if schedule not in FLOW_SCHEDULES:
+            raise AppInputError(f"unknown schedule {schedule!r}: use {' or '.join(map(repr, FLOW_SCHEDULES))}")
         if prompt is None:
             prompt = ""
         if not isinstance(prompt, str):
@@ -353,7 +357,7 @@ class EditService:
                 notices += [note] if note else []
                 refs.append(ref)
         settings = EditSettings(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                blend_alpha=blend_alpha, max_pixels=self.max_pixels)
+                                blend_alpha=blend_alpha, max_pixels=self.max_pixels, schedule=schedule)
         with self._lock:
             notices += self.select_checkpoint(checkpoint, strength)
             notices += self.select_loras(loras)
