@@ -2,6 +2,7 @@
 
     editor = Editor.from_sources(ModelSources(model_root="models"), device="cuda")
     editor.load_checkpoint("train/run/step-1000.safetensors")
+    editor.set_extra_loras([lora_formats.lora_layer("lightning.safetensors", editor.pipe.dit, 1.0)])  # optional
     image, sub_image = editor.edit(EditRequest(image=src, prompt="...", mask=mask), EditSettings(steps=40))
 
 Input conversions (documented, never silent errors): RGBA/LA/P images are composited onto white, greyscale is
@@ -176,6 +177,7 @@ class Editor:
         self._side_stream: torch.cuda.Stream | None = None  # made on the first CUDA prepare (`_vae_stream`)
         if hot_swap:
             pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
+            pipe.clear_lora(verbose=0)  # a new editor starts from the base model, whatever an earlier one hot-loaded
         self.loras = LoRAStack(lambda: self.pipe.dit, mode="hot" if hot_swap else "merge")
 
     @classmethod
