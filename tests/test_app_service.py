@@ -422,7 +422,9 @@ def test_extra_loras_are_listed_applied_hot_swapped_and_removed(lora_service):
     again = svc.generate(_image(), _mask(), "p", loras=[["loras/lightning.safetensors", 0.8]], **kw)
     assert not any("extra LoRAs" in n for n in again.notices), "an unchanged list must not be re-applied"
     assert np.asarray(again.image).tobytes() == np.asarray(one.image).tobytes()
+    first = svc.editor.extra_loras[0]
     two = svc.generate(_image(), _mask(), "p", loras="loras/lightning.safetensors:0.8, loras/style.safetensors", **kw)
+    assert svc.editor.extra_loras[0] is first, "an unchanged LoRA keeps its layer (and its tensors on the device)"
     assert [x["layout"] for x in two.settings["extra_loras"]] == ["lightning", "kohya"]
     assert np.asarray(two.image).tobytes() != np.asarray(one.image).tobytes()
     back = svc.generate(_image(), _mask(), "p", loras=[{"name": "loras/lightning.safetensors", "strength": 0.8}],

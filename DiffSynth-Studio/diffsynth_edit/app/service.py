@@ -279,8 +279,12 @@ class EditService:
         with self._lock:
             if key == self._extra:
                 return []
+            previous = {(x.path, x.strength, m): x for x, (_, _, m) in zip(self.editor.extra_loras, self._extra)}
             layers = []
             for path, strength, mtime in resolved:
+                if (path, strength, mtime) in previous:  # unchanged: keep its tensors already on the device
+                    layers.append(previous[(path, strength, mtime)])
+                    continue
                 cid = self.checkpoint_id(path)
                 cached = self._lora_files.get(path)
                 if cached is None or cached[0] != mtime:
