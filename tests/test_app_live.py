@@ -22,6 +22,16 @@ def live(tiny_root, tmp_path_factory):
     make_test_checkpoint(dit, base / "train" / "run1" / "step-10.safetensors", step=10, seed=1)
     make_test_checkpoint(dit, base / "train" / "run1" / "step-20.safetensors", step=20, seed=2, with_ste=True)
     make_test_checkpoint(dit, base / "outside" / "evil.safetensors", step=1, seed=3)
+    from safetensors.torch import save_file
+
+    from diffsynth_edit.app.testing import lora_state_for
+    from diffsynth_edit.checkpoint import parse_state_dict
+    from diffsynth_edit.lora_formats import to_layout
+
+    lightning = parse_state_dict(lora_state_for(dit, seed=4)).lora  # a third-party LoRA in the Lightning layout
+    lightning.scale = {m: 0.5 for m in lightning.modules}
+    (base / "train" / "loras").mkdir(parents=True)
+    save_file(to_layout(lightning, "lightning"), str(base / "train" / "loras" / "lightning.safetensors"))
     (base / "train" / "run1" / "notes.txt").write_text("not a checkpoint")
     files = base / "files"
     files.mkdir()
@@ -152,14 +162,27 @@ def test_files_outside_the_upload_folder_are_refused(live):
     that an input file was uploaded to this server still runs: a path elsewhere on the server is refused."""
     outside = str(live["files"] / "image.png")  # exists on the server's disk, but was never uploaded
     payload = {"path": outside, "meta": {"_type": "gradio.FileData"}, "orig_name": "image.png"}
-    msg = _raw_join(live["url"], [payload, None, "x", None, "", 1.0, "flow", 1, 1.0, 0, 0.0])
+    msg = _raw_join(live["url"], [payload, None, "x", None, "", 1.0, "flow", 1, 1.0, 0, 0.0, "", "qwen"])
     assert msg.get("success") is False and "not uploaded" in msg["output"]["error"], msg
     _assert_error(live, "no image", image=None)  # and the server keeps serving
 
 
 def test_checkpoint_listing_endpoint(live):
     listing = live["client"].predict(api_name="/checkpoints")
-    assert [(c["run"], c["step"]) for c in listing] == [("run1", 10), ("run1", 20)]
+    assert [(c["run"], c["step"]) for c in listing] == [("loras", None), ("run1", 10), ("run1", 20)]
+
+
+def test_extra_loras_are_applied_through_the_api(live):
+    _, _, base = _edit(live, checkpoint="run1/step-10.safetensors", steps=1)
+    image, _, settings = _edit(live, checkpoint="run1/step-10.safetensors", steps=1,
+                               loras="loras/lightning.safetensors:0.5", schedule="lightning")
+    assert settings["checkpoint"] == "run1/step-10.safetensors" and settings["schedule"] == "lightning"
+    assert [(x["name"], x["layout"], x["strength"]) for x in settings["extra_loras"]] == [
+        ("loras/lightning.safetensors", "lightning", 0.5)]
+    image_base, _, settings_base = _edit(live, checkpoint="run1/step-10.safetensors", steps=1)
+    assert settings_base["extra_loras"] == [] and base["extra_loras"] == [] and base["schedule"] == "qwen"
+    assert np.asarray(Image.open(image)).tobytes() != np.asarray(Image.open(image_base)).tobytes()
+    _assert_error(live, "inside the checkpoint roots", loras="../outside/evil.safetensors")
 
 
 def test_one_generation_at_a_time_others_queue(live):
@@ -188,9 +211,15 @@ class _PageStub:  # build_ui only needs these attributes to lay out the page
     loaded = None
     startup_notices = []
 
+    max_extra_loras = 2
+
     @staticmethod
     def checkpoint_choices():
         return [("(none: base model)", "")]
+
+    @staticmethod
+    def lora_choices():
+        return [("(none)", "")]
 
 
 def test_generate_events_share_one_slot():

@@ -376,3 +376,88 @@ def test_fast_png_is_no_larger_than_pillow_on_a_photo_like_image():
     image.save(pil, format="PNG", compress_level=1)
     assert len(encode_png(image)) <= 1.1 * pil.tell()
 
+
+
+# ---- extra LoRAs stacked on the checkpoint ---------------------------------------------------------------------------
+@pytest.fixture()
+def lora_service(app_pipe, tmp_path):
+    """A service over its own root holding a checkpoint and two third-party LoRAs (Lightning and kohya layouts)."""
+    from diffsynth_edit.app.service import EditService
+    from diffsynth_edit.app.testing import lora_state_for
+    from diffsynth_edit.checkpoint import parse_state_dict
+    from diffsynth_edit.editing.editor import Editor
+    from diffsynth_edit.lora_formats import to_layout
+    from safetensors.torch import save_file
+
+    root = tmp_path / "root"
+    make_test_checkpoint(app_pipe.dit, root / "run" / "step-5.safetensors", step=5, seed=1)
+    for name, layout, seed in (("lightning", "lightning", 11), ("style", "kohya", 12)):
+        lora = parse_state_dict(lora_state_for(app_pipe.dit, seed=seed)).lora
+        lora.scale = {m: 0.5 for m in lora.modules}
+        (root / "loras").mkdir(parents=True, exist_ok=True)
+        save_file(to_layout(lora, layout), str(root / "loras" / f"{name}.safetensors"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_file(to_layout(parse_state_dict(lora_state_for(app_pipe.dit, seed=13)).lora, "comfyui"),
+              str(outside / "evil.safetensors"))
+    editor = Editor(app_pipe, variant="2511", hot_swap=True)
+    svc = EditService(editor, [root], max_pixels=256 * 256, max_extra_loras=2)
+    yield svc
+    editor.set_extra_loras([])
+    editor.unload_checkpoint()
+
+
+def test_extra_loras_are_listed_applied_hot_swapped_and_removed(lora_service):
+    svc = lora_service
+    values = [v for _, v in svc.lora_choices()]
+    assert values == ["", "loras/lightning.safetensors", "loras/style.safetensors", "run/step-5.safetensors"]
+    kw = dict(checkpoint="run/step-5.safetensors", **FAST)
+    base = svc.generate(_image(), _mask(), "p", **kw)
+    assert base.settings["extra_loras"] == []
+    one = svc.generate(_image(), _mask(), "p", loras="loras/lightning.safetensors:0.8", **kw)
+    assert [(x["name"], x["layout"], x["strength"]) for x in one.settings["extra_loras"]] == [
+        ("loras/lightning.safetensors", "lightning", 0.8)]
+    assert "extra LoRAs: loras/lightning.safetensors @ 0.8" in one.notices
+    assert np.asarray(one.image).tobytes() != np.asarray(base.image).tobytes()
+    again = svc.generate(_image(), _mask(), "p", loras=[["loras/lightning.safetensors", 0.8]], **kw)
+    assert not any("extra LoRAs" in n for n in again.notices), "an unchanged list must not be re-applied"
+    assert np.asarray(again.image).tobytes() == np.asarray(one.image).tobytes()
+    first = svc.editor.extra_loras[0]
+    two = svc.generate(_image(), _mask(), "p", loras="loras/lightning.safetensors:0.8, loras/style.safetensors", **kw)
+    assert svc.editor.extra_loras[0] is first, "an unchanged LoRA keeps its layer (and its tensors on the device)"
+    assert [x["layout"] for x in two.settings["extra_loras"]] == ["lightning", "kohya"]
+    assert np.asarray(two.image).tobytes() != np.asarray(one.image).tobytes()
+    back = svc.generate(_image(), _mask(), "p", loras=[{"name": "loras/lightning.safetensors", "strength": 0.8}],
+                        **kw)
+    assert np.asarray(back.image).tobytes() == np.asarray(one.image).tobytes()
+    gone = svc.generate(_image(), _mask(), "p", loras="", **kw)
+    assert "extra LoRAs removed" in gone.notices
+    assert np.asarray(gone.image).tobytes() == np.asarray(base.image).tobytes()
+
+
+@pytest.mark.parametrize("loras,match", [
+    ("../outside/evil.safetensors", "inside the checkpoint roots"),
+    ("loras/none.safetensors", "no checkpoint"),
+    ("loras/lightning.safetensors:9", "out of range"),
+    ("loras/lightning.safetensors, loras/lightning.safetensors:0.5", "listed twice"),
+    ("loras/lightning.safetensors, loras/style.safetensors, run/step-5.safetensors", "at most 2"),
+    (42, "text or a list"),
+])
+def test_bad_extra_loras_are_refused_and_the_service_stays_usable(lora_service, loras, match):
+    with pytest.raises(AppInputError, match=match):
+        lora_service.generate(_image(), _mask(), "p", loras=loras, **FAST)
+    assert lora_service.generate(_image(), _mask(), "p", **FAST).settings["extra_loras"] == []
+
+
+def test_extra_lora_with_ste_keys_is_refused_naming_the_key(lora_service, app_pipe):
+    root = lora_service.roots[0]
+    make_test_checkpoint(app_pipe.dit, root / "run" / "step-9.safetensors", step=9, seed=2, with_ste=True)
+    with pytest.raises(AppInputError, match=r"LoRA run/step-9.safetensors: key 'pipe\.ste\..*STE weight"):
+        lora_service.generate(_image(), _mask(), "p", loras="run/step-9.safetensors", **FAST)
+
+
+def test_unknown_schedule_refused_lightning_schedule_applied(lora_service):
+    with pytest.raises(AppInputError, match="unknown schedule 'fast'"):
+        lora_service.generate(_image(), _mask(), "p", schedule="fast", **FAST)
+    out = lora_service.generate(_image(), _mask(), "p", schedule="lightning", **FAST)
+    assert out.settings["schedule"] == "lightning"

@@ -46,6 +46,8 @@ class AppConfig(ModelPathOptions):
     max_file_mb: int = field(default=100, metadata=_help("largest upload in MB (refused by the server above)"))
     max_pixels: int = field(default=1024 * 1024, metadata=_help("working resolution of an edit (pixels)"))
     max_references: int = field(default=3, metadata=_help("extra reference images accepted"))
+    max_extra_loras: int = field(default=3, metadata=_help(
+        "third-party LoRAs (from the checkpoint roots) that can be stacked on the checkpoint, each with a strength"))
     max_steps: int = field(default=100, metadata=_help("upper bound for flow-matching steps"))
     steps: int = field(default=40, metadata=_help("default flow-matching steps"))
     cfg_scale: float = field(default=4.0, metadata=_help("default CFG scale"))
@@ -67,6 +69,8 @@ class AppConfig(ModelPathOptions):
             raise ConfigError("`max-upload-pixels` must be at least 4096")
         if self.max_pixels < 256:
             raise ConfigError("`max-pixels` must be at least 256")
+        if not 0 <= self.max_extra_loras <= 16:
+            raise ConfigError("`max-extra-loras` must be in 0..16")
         if not 1 <= self.lbm_steps <= 4:
             raise ConfigError("`lbm-steps` must be in 1..4")
         if not 1 <= self.steps <= self.max_steps:

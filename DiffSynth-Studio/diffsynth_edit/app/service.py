@@ -24,6 +24,9 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..editing.editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
 from ..loading import MissingWeightsError, ModelSources, load_pipeline
+from ..lora_formats import LoRAFile, read_lora_file
+from ..lora_stack import LoRALayer
+from ..editing.sampling import FLOW_SCHEDULES
 from .checkpoints import (CheckpointAccessError, CheckpointEntry, list_checkpoints, resolve_checkpoint,
                           resolve_roots)
 from .errors import AppInputError
@@ -138,16 +141,19 @@ class EditService:
 
     def __init__(self, editor: Editor, checkpoint_roots: Sequence[Path | str] = ("train",), *,
                  max_upload_pixels: int = 4096 * 4096, max_pixels: int = 1024 * 1024, max_steps: int = 100,
-                 max_references: int = 3, notices: Sequence[str] = ()):
+                 max_references: int = 3, max_extra_loras: int = 3, notices: Sequence[str] = ()):
         self.editor = editor
         self.roots = resolve_roots(checkpoint_roots)
         self.max_upload_pixels = int(max_upload_pixels)
         self.max_pixels = int(max_pixels)
         self.max_steps = int(max_steps)
         self.max_references = int(max_references)
+        self.max_extra_loras = int(max_extra_loras)
         self.startup_notices = list(notices)
         self.checkpoint_loads = 0            # how many times a checkpoint was (re)loaded: for tests and logs
         self._loaded: tuple[Path, float, int] | None = None   # (path, strength, mtime_ns) now applied
+        self._extra: tuple = ()                                # ((path, strength, mtime_ns), ...) of the extra LoRAs
+        self._lora_files: dict[Path, tuple[int, LoRAFile]] = {}  # parsed extra LoRAs in use, by path (+ mtime_ns)
         self._lock = threading.RLock()
 
     @classmethod
@@ -155,7 +161,7 @@ class EditService:
         editor, notices = build_editor(cfg, log)
         service = cls(editor, cfg.checkpoint_root, max_upload_pixels=cfg.max_upload_pixels,
                       max_pixels=cfg.max_pixels, max_steps=cfg.max_steps, max_references=cfg.max_references,
-                      notices=notices)
+                      max_extra_loras=cfg.max_extra_loras, notices=notices)
         if cfg.checkpoint:
             try:
                 service.select_checkpoint(cfg.checkpoint, 1.0)
@@ -171,6 +177,10 @@ class EditService:
     def checkpoint_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a dropdown; value '' is the base model."""
         return [(NO_CHECKPOINT_LABEL, "")] + [(e.label, e.id) for e in self.checkpoints()]
+
+    def lora_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for an extra-LoRA slot: every file under the roots; value '' is an empty slot."""
+        return [("(none)", "")] + [(e.label, e.id) for e in self.checkpoints()]
 
     def checkpoint_id(self, path: Path) -> str:
         for root in self.roots:
@@ -213,12 +223,95 @@ class EditService:
             self.checkpoint_loads += 1
             return [f"loaded checkpoint {cid} at strength {strength:g}"]
 
+    # ---- extra LoRAs -------------------------------------------------------------------------------------------
+    def parse_loras(self, value: Any) -> list[tuple[str, float]]:
+        """(name, strength) pairs from the request: None/'' (none); text `NAME[:STRENGTH]` separated by commas or
+        new lines; or a list of `[name, strength]` pairs, `{"name": ..., "strength": ...}` objects or names. Entries
+        with an empty name are skipped (empty UI slots)."""
+        if value is None:
+            return []
+        if isinstance(value, str):
+            items: list[Any] = [p for line in value.splitlines() for p in line.split(",")]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise AppInputError(f"loras must be text or a list, got {type(value).__name__}")
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                name, sep, tail = item.strip().rpartition(":")
+                if not sep or not name or not _is_number(tail):
+                    name, tail = item.strip(), 1.0
+                strength = tail
+            elif isinstance(item, dict):
+                name, strength = item.get("name", item.get("file", "")), item.get("strength", 1.0)
+            elif isinstance(item, (list, tuple)) and len(item) in (1, 2):
+                name, strength = item[0], item[1] if len(item) == 2 else 1.0
+            else:
+                raise AppInputError(f"loras entry {i + 1} must be a name, [name, strength] or "
+                                    f"{{'name', 'strength'}}, got {item!r}")
+            if name is None or (isinstance(name, str) and not name.strip()):
+                continue
+            if not isinstance(name, str):
+                raise AppInputError(f"loras entry {i + 1}: the name must be text, got {type(name).__name__}")
+            out.append((name.strip(), float(_number(f"strength of LoRA {name.strip()!r}", strength, -4.0, 4.0))))
+        if len(out) > self.max_extra_loras:
+            raise AppInputError(f"{len(out)} extra LoRAs given (at most {self.max_extra_loras})")
+        return out
+
+    def select_loras(self, value: Any) -> list[str]:
+        """Stack the requested extra LoRAs (files under the checkpoint roots) on the checkpoint; hot-swapped, and
+        only re-applied when the list, a strength or a file changed."""
+        specs = self.parse_loras(value)
+        resolved = []
+        for name, strength in specs:
+            try:
+                path = resolve_checkpoint(name, self.roots)
+            except CheckpointAccessError as e:
+                raise AppInputError(f"extra LoRA: {e}") from None
+            if path is None:
+                continue
+            resolved.append((path, strength, path.stat().st_mtime_ns))
+        paths = [p for p, _, _ in resolved]
+        if len(set(paths)) != len(paths):
+            raise AppInputError("the same LoRA is listed twice")
+        key = tuple(resolved)
+        with self._lock:
+            if key == self._extra:
+                return []
+            previous = {(x.path, x.strength, m): x for x, (_, _, m) in zip(self.editor.extra_loras, self._extra)}
+            layers = []
+            for path, strength, mtime in resolved:
+                if (path, strength, mtime) in previous:  # unchanged: keep its tensors already on the device
+                    layers.append(previous[(path, strength, mtime)])
+                    continue
+                cid = self.checkpoint_id(path)
+                cached = self._lora_files.get(path)
+                if cached is None or cached[0] != mtime:
+                    try:
+                        cached = (mtime, read_lora_file(path, self.editor.pipe.dit))
+                    except CheckpointError as e:
+                        raise AppInputError(f"LoRA {cid}: " + str(e).replace(f"{path}: ", "")) from None
+                    self._lora_files[path] = cached
+                lora_file = cached[1]
+                layers.append(LoRALayer(cid, lora_file.lora, strength, lora_file.layout, path))
+            try:
+                self.editor.set_extra_loras(layers)
+            except CheckpointError as e:
+                raise AppInputError(str(e)) from None
+            self._extra = key
+            for path in set(self._lora_files) - set(paths):  # keep only the files in use
+                del self._lora_files[path]
+            if not layers:
+                return ["extra LoRAs removed"]
+            return ["extra LoRAs: " + ", ".join(f"{x.name} @ {x.strength:g}" for x in layers)]
+
     # ---- one edit -----------------------------------------------------------------------------------------------
     def generate(self, image: Any, mask: Any = None, prompt: Any = "", references: Any = None,
                  checkpoint: Any = "", strength: Any = 1.0, sampler: Any = "flow", steps: Any = 40,
                  cfg: Any = 4.0, seed: Any = 0, blend_alpha: Any = 0.0,
                  progress: Callable[[int, int], None] | None = None, mask_source: str | None = None,
-                 notices: Sequence[str] = ()) -> GenerateOutput:
+                 notices: Sequence[str] = (), loras: Any = None, schedule: Any = "qwen") -> GenerateOutput:
         t0 = time.perf_counter()
         notices = list(notices)
         # -- settings
@@ -231,6 +324,9 @@ class EditService:
             seed = secrets.randbelow(MAX_SEED + 1)
             notices.append(f"random seed {seed}")
         blend_alpha = float(_number("blend_alpha", blend_alpha, 0.0, 1.0))
+        schedule = "qwen" if schedule in (None, "") else schedule
+        if schedule not in FLOW_SCHEDULES:
+            raise AppInputError(f"unknown schedule {schedule!r}: use {' or '.join(map(repr, FLOW_SCHEDULES))}")
         if prompt is None:
             prompt = ""
         if not isinstance(prompt, str):
@@ -265,9 +361,10 @@ class EditService:
                 notices += [note] if note else []
                 refs.append(ref)
         settings = EditSettings(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                blend_alpha=blend_alpha, max_pixels=self.max_pixels)
+                                blend_alpha=blend_alpha, max_pixels=self.max_pixels, schedule=schedule)
         with self._lock:
             notices += self.select_checkpoint(checkpoint, strength)
+            notices += self.select_loras(loras)
             try:
                 result = self.editor.edit(EditRequest(image=src, prompt=prompt, mask=mask_img, references=refs),
                                           settings, progress=progress)
@@ -297,6 +394,14 @@ class EditService:
         if source.size != result.image.size:
             source = source.resize(result.image.size, Image.LANCZOS)
         return GenerateOutput(result.image, result.sub_image, source, info, notices)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def result_mask_for(mask: Image.Image | None, size: tuple[int, int]) -> Image.Image | None:

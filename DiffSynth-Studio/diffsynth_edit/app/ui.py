@@ -1,11 +1,14 @@
 """The gradio Blocks of the app: the editor page and the named API endpoint `/edit`.
 
 Page: an image editor (upload, brush, eraser; the mask is the brush layer's alpha; the canvas keeps the image's
-size), prompt, extra references, checkpoint picker (+ refresh), LoRA strength, sampler, steps, CFG, seed (+ random),
-blend α → edited image, sub image, before/after slider, "use as input", the settings of the output.
+size), prompt, extra references, checkpoint picker (+ refresh), LoRA strength, extra LoRAs stacked on the checkpoint
+(file + strength slots, from the same roots), sampler, steps, CFG, seed (+ random), blend α → edited image, sub image,
+before/after slider, "use as input", the settings of the output.
 
 API (`gradio_client`): `/edit` (image, mask, prompt, references, checkpoint, strength, sampler, steps, cfg, seed,
-blend_alpha) → (image, sub_image, settings) and `/checkpoints` () → list. Both the page's Generate and `/edit` share
+blend_alpha, loras, schedule) → (image, sub_image, settings) and `/checkpoints` () → list; `loras` is text,
+`NAME[:STRENGTH]` entries separated by commas or new lines (names as `/checkpoints` lists them); `schedule` is
+`qwen` (default) or `lightning` (the shift-3 flow sigmas Lightning LoRAs were distilled with). Both the page's Generate and `/edit` share
 one concurrency group of size 1: one generation on the device at a time, the others wait in the queue and see their
 position.
 """
@@ -115,14 +118,24 @@ def _png_size(path: str) -> tuple[int, int]:
 
 def _status(settings: dict) -> str:
     parts = [f"**Done** in {settings.get('seconds', 0):.2f} s", f"seed {settings.get('seed')}",
-             f"{settings.get('sampler')} × {settings.get('steps')}"]
+             f"{settings.get('sampler')} × {settings.get('steps')}"
+             + (" (Lightning schedule)" if settings.get("schedule") == "lightning" and settings.get("sampler") == "flow"
+                else "")]
     if settings.get("checkpoint"):
         parts.append(f"`{settings['checkpoint']}` @ {settings.get('strength')}")
+    for layer in settings.get("extra_loras") or []:
+        parts.append(f"+ `{layer['name']}` @ {layer['strength']:g}")
     text = " · ".join(parts)
     notices = settings.get("notices") or []
     if notices:
         text += "\n\n" + "\n".join(f"- {n}" for n in notices)
     return text
+
+
+def _slot_loras(values) -> list[tuple[str, float]]:
+    """The page's extra-LoRA slots (files, then strengths) as (name, strength) pairs; empty slots left out."""
+    half = len(values) // 2
+    return [(f, s) for f, s in zip(values[:half], values[half:]) if isinstance(f, str) and f.strip()]
 
 
 def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | None = None,
@@ -159,9 +172,23 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
                                              elem_id="checkpoint")
                     refresh = gr.Button("↻ Refresh", scale=1, min_width=60, elem_id="refresh")
                 strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
+                extra_files, extra_strengths = [], []
+                if service.max_extra_loras:
+                    with gr.Accordion(f"Extra LoRAs stacked on the checkpoint (up to {service.max_extra_loras}; "
+                                      "e.g. a Lightning LoRA: 4 steps, CFG 1)", open=False):
+                        for i in range(service.max_extra_loras):
+                            with gr.Row():
+                                extra_files.append(gr.Dropdown(
+                                    choices=service.lora_choices(), value="", label=f"Extra LoRA {i + 1}",
+                                    allow_custom_value=True, scale=4, elem_id=f"extra-lora-{i + 1}"))
+                                extra_strengths.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="strength",
+                                                                 scale=2, elem_id=f"extra-strength-{i + 1}"))
                 sampler = gr.Radio([("Flow matching", "flow"), (f"LBM (1–{LBM_MAX_STEPS} steps)", "lbm")],
                                    value="flow", label="Sampler")
                 steps = gr.Slider(1, max_steps, value=default_steps, step=1, label="Steps")
+                schedule = gr.Radio([("Qwen (dynamic shift)", "qwen"), ("Lightning (shift 3)", "lightning")],
+                                    value="qwen", label="Flow schedule (Lightning LoRAs: 4 steps, CFG 1)",
+                                    elem_id="schedule")
                 cfg = gr.Slider(1.0, 10.0, value=default_cfg, step=0.1, label="CFG scale (1 = off)")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", scale=3, elem_id="seed")
@@ -198,6 +225,8 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
             api_cfg = gr.Number(label="cfg", value=default_cfg)
             api_seed = gr.Number(label="seed", value=0, precision=0)
             api_blend = gr.Number(label="blend_alpha", value=0.0)
+            api_loras = gr.Textbox(label="loras", value="")
+            api_schedule = gr.Textbox(label="schedule", value="qwen")
             api_out_image = gr.Image(label="image", type="pil", format="png")
             api_out_sub = gr.Image(label="sub_image", type="pil", format="png")
             api_out_settings = gr.JSON(label="settings")
@@ -207,7 +236,7 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
 
         # ---- page events ---------------------------------------------------------------------------------------
         def ui_generate(editor_value, prompt_v, refs_v, ckpt_v, strength_v, sampler_v, steps_v, cfg_v, seed_v,
-                        blend_v, progress=gr.Progress()):
+                        blend_v, schedule_v, progress=gr.Progress(), *extra_v):  # progress: gradio inserts it
             try:
                 image, mask, notes = mask_from_editor(editor_value)
                 if image is None:
@@ -221,7 +250,7 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
                 out = service.generate(image, mask, prompt_v, refs_v or None, ckpt_v, strength_v, sampler_v,
                                        steps_v, cfg_v, seed_v, blend_v, progress=on_step,
                                        mask_source="painted" if mask is not None else "none (whole image)",
-                                       notices=notes)
+                                       notices=notes, loras=_slot_loras(extra_v), schedule=schedule_v)
             except Exception as e:  # noqa: BLE001 - every failure becomes a message; the server keeps serving
                 raise _user_error(e) from None
             image_path, sub_path = store.save(out.image, "image"), store.save(out.sub_image, "sub_image")
@@ -235,7 +264,8 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
             return [image_path, sub_path, *comparison, out.settings, _status(out.settings)]
 
         generate.click(ui_generate,
-                       inputs=[editor, prompt, references, checkpoint, strength, sampler, steps, cfg, seed, blend],
+                       inputs=[editor, prompt, references, checkpoint, strength, sampler, steps, cfg, seed, blend,
+                               schedule, *extra_files, *extra_strengths],
                        outputs=[out_image, out_sub, *compare, settings_json, status],
                        concurrency_limit=1, concurrency_id=GPU_GROUP, **_private())
 
@@ -246,6 +276,16 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
 
         refresh.click(refresh_choices, inputs=checkpoint, outputs=checkpoint, queue=False, **_private())
         demo.load(refresh_choices, inputs=checkpoint, outputs=checkpoint, queue=False, **_private())
+
+        def refresh_lora_choices(*current):
+            choices = service.lora_choices()
+            values = {v for _, v in choices}
+            updates = [gr.update(choices=choices, value=c if c in values else "") for c in current]
+            return updates[0] if len(updates) == 1 else updates
+
+        if extra_files:
+            refresh.click(refresh_lora_choices, inputs=extra_files, outputs=extra_files, queue=False, **_private())
+            demo.load(refresh_lora_choices, inputs=extra_files, outputs=extra_files, queue=False, **_private())
         randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, queue=False, **_private())
 
         def on_sampler(s, current_steps):
@@ -266,7 +306,8 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
 
         # ---- API events ----------------------------------------------------------------------------------------
         def api_edit(image, mask=None, prompt="", references=None, checkpoint="", strength=1.0, sampler="flow",
-                     steps=default_steps, cfg=default_cfg, seed=0, blend_alpha=0.0, progress=gr.Progress()):
+                     steps=default_steps, cfg=default_cfg, seed=0, blend_alpha=0.0, loras="", schedule="qwen",
+                     progress=gr.Progress()):
             try:
                 if image is None:
                     raise AppInputError("no image given")
@@ -275,14 +316,15 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
                     progress((i, total), desc="denoising", unit="steps")
 
                 out = service.generate(image, mask, prompt, references or None, checkpoint, strength, sampler,
-                                       steps, cfg, seed, blend_alpha, progress=on_step)
+                                       steps, cfg, seed, blend_alpha, progress=on_step, loras=loras,
+                                       schedule=schedule)
             except Exception as e:  # noqa: BLE001
                 raise _user_error(e) from None
             return store.save(out.image, "image"), store.save(out.sub_image, "sub_image"), out.settings
 
         api_trigger.click(api_edit,
                           inputs=[api_image, api_mask, api_prompt, api_refs, api_ckpt, api_strength, api_sampler,
-                                  api_steps, api_cfg, api_seed, api_blend],
+                                  api_steps, api_cfg, api_seed, api_blend, api_loras, api_schedule],
                           outputs=[api_out_image, api_out_sub, api_out_settings], api_name="edit", preprocess=False,
                           **_kw(gr.Button.click, api_description="Edit an image (white mask = region to edit).",
                                 concurrency_limit=1, concurrency_id=GPU_GROUP))

@@ -39,6 +39,9 @@ class ModelOptions(ModelPathOptions):
     variant: str = field(default="2511", metadata=_h("Qwen-Image-Edit variant: 2511 or 2509"))
     checkpoint: Path | None = field(default=None, metadata=_h("trained .safetensors (LoRA and/or STE)"))
     strength: float = field(default=1.0, metadata=_h("LoRA strength"))
+    lora: list[str] = field(default_factory=list, metadata=_h(
+        "third-party LoRA FILE[:STRENGTH] stacked on the checkpoint (diffusers, ComfyUI, kohya, DiffSynth or "
+        "Lightning layout; strength 1 when omitted)"))
     mode: Literal["auto", "bridge", "plain"] = field(
         default="auto", metadata=_h("auto = bridge when the checkpoint has an STE, else plain"))
     device: str = field(default="auto", metadata=_h("auto (cuda when available), cuda, cuda:1, cpu"))
@@ -57,6 +60,8 @@ class SamplerOptions:
     blend_alpha: float = field(default=0.0, metadata=_h("background blending outside the mask, 0 = off"))
     max_pixels: int = field(default=1024 * 1024, metadata=_h("inputs are scaled down to at most this many pixels"))
     batch_cfg: bool = field(default=True, metadata=_h("positive and negative prompt in one batched DiT call"))
+    schedule: Literal["qwen", "lightning"] = field(default="qwen", metadata=_h(
+        "flow sigmas: qwen (dynamic shift) or lightning (shift 3, for Lightning LoRAs)"))
     negative_prompt: str = field(default="", metadata=_h("negative prompt for CFG"))
 
 
@@ -131,6 +136,31 @@ class TinyModelConfig:
             raise ConfigError("tiny-model needs --out DIR")
 
 
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """`FILE[:STRENGTH]` -> (path, strength); a suffix that is not a number is part of the file name."""
+    text = str(spec).strip()
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def _validate_loras(specs) -> None:
+    import math
+
+    for spec in specs:
+        path, strength = parse_lora_spec(spec)
+        if not math.isfinite(strength):
+            raise ConfigError(f"--lora {spec}: the strength must be a finite number")
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"--lora {spec}: only .safetensors LoRA files are read")
+        if not path.is_file():
+            raise ConfigError(f"--lora {spec}: no such file {path}")
+
+
 def _validate_common(cfg) -> None:
     from ..variants import get_variant
 
@@ -148,6 +178,7 @@ def _validate_common(cfg) -> None:
         raise ConfigError(str(e)) from None
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError("--limit must be at least 1")
+    _validate_loras(cfg.lora)
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------------
@@ -155,7 +186,8 @@ def settings_from(cfg: SamplerOptions):
     from .editor import EditSettings
 
     return EditSettings(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg, seed=cfg.seed,
-                        blend_alpha=cfg.blend_alpha, max_pixels=cfg.max_pixels, batch_cfg=cfg.batch_cfg)
+                        blend_alpha=cfg.blend_alpha, max_pixels=cfg.max_pixels, batch_cfg=cfg.batch_cfg,
+                        schedule=cfg.schedule)
 
 
 def sources_from(cfg: ModelOptions):
@@ -206,6 +238,11 @@ def build_editor(cfg: ModelOptions):
     editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
+    if cfg.lora:
+        from ..lora_formats import lora_layer
+
+        editor.set_extra_loras([lora_layer(path, pipe.dit, strength, name=str(path))
+                                for path, strength in map(parse_lora_spec, cfg.lora)])
     if cfg.compile or cfg.fp8:
         editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
     return editor

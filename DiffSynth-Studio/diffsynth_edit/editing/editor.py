@@ -2,6 +2,7 @@
 
     editor = Editor.from_sources(ModelSources(model_root="models"), device="cuda")
     editor.load_checkpoint("train/run/step-1000.safetensors")
+    editor.set_extra_loras([lora_formats.lora_layer("lightning.safetensors", editor.pipe.dit, 1.0)])  # optional
     image, sub_image = editor.edit(EditRequest(image=src, prompt="...", mask=mask), EditSettings(steps=40))
 
 Input conversions (documented, never silent errors): RGBA/LA/P images are composited onto white, greyscale is
@@ -25,10 +26,11 @@ from ..image_io import to_mask
 from ..encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode, vae_encode, white_latents
 from ..geometry import Box, binarize_mask, fit_size, mask_bbox
 from ..loading import ModelSources, load_pipeline
+from ..lora_stack import LoRALayer, LoRAStack
 from ..speedups import quantize_dit_fp8
 from ..ste import STE
 from ..variants import get_variant
-from .sampling import euler_step, flow_sigmas, lbm_grid
+from .sampling import FLOW_SCHEDULES, euler_step, flow_sigmas, lbm_grid
 
 MAX_ASPECT = 16.0
 
@@ -55,6 +57,7 @@ class EditSettings:
     blend_alpha: float = 0.0
     max_pixels: int = 1024 * 1024
     batch_cfg: bool = True  # batch the CFG pair into one forward when the prompts' lengths match (see predict)
+    schedule: Literal["qwen", "lightning"] = "qwen"  # flow sigmas: Qwen's dynamic shift, or Lightning's shift 3
 
     def validate(self) -> None:
         if self.sampler not in ("flow", "lbm"):
@@ -67,6 +70,8 @@ class EditSettings:
             raise EditInputError(f"blend_alpha must be in [0, 1], got {self.blend_alpha}")
         if self.max_pixels < 256:
             raise EditInputError("max_pixels must be at least 256")
+        if self.schedule not in FLOW_SCHEDULES:
+            raise EditInputError(f"schedule must be one of {', '.join(FLOW_SCHEDULES)}, got {self.schedule!r}")
 
 
 @dataclass
@@ -165,12 +170,15 @@ class Editor:
         self.mode = mode
         self.hot_swap = hot_swap
         self.checkpoint: Checkpoint | None = None
-        self._fused = False
+        self.extra_loras: list[LoRALayer] = []  # third-party LoRAs stacked on the checkpoint (`set_extra_loras`)
+        self._checkpoint_layer: LoRALayer | None = None
         self.fp8 = False
         self.compiled = False
         self._side_stream: torch.cuda.Stream | None = None  # made on the first CUDA prepare (`_vae_stream`)
         if hot_swap:
             pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
+            pipe.clear_lora(verbose=0)  # a new editor starts from the base model, whatever an earlier one hot-loaded
+        self.loras = LoRAStack(lambda: self.pipe.dit, mode="hot" if hot_swap else "merge")
 
     @classmethod
     def from_sources(cls, sources: ModelSources, device: str = "cpu", torch_dtype: torch.dtype = torch.bfloat16,
@@ -197,15 +205,10 @@ class Editor:
         if self.fp8 and not self.hot_swap:
             raise CheckpointError("the DiT runs in fp8: load the checkpoint before `speed_up(fp8=True)`, or create "
                                   "the editor with hot_swap=True (the LoRA then runs beside the fp8 weights)")
-        if self._fused and not self.hot_swap:
-            raise CheckpointError("a LoRA is already fused into this editor's model; create the editor with "
-                                  "hot_swap=True to switch checkpoints")
-        self.unload_checkpoint()
-        if ckpt.lora.modules:
-            lora = {k: v.to(device=self.pipe.device, dtype=self.pipe.torch_dtype)
-                    for k, v in ckpt.lora.fused_form(strength).items()}
-            self.pipe.load_lora(self.pipe.dit, state_dict=lora, hotload=self.hot_swap, verbose=0)
-            self._fused = not self.hot_swap
+        layer = LoRALayer("checkpoint", ckpt.lora, strength, path=ckpt.path) if ckpt.lora.modules else None
+        self.loras.set_layers(([layer] if layer else []) + self.extra_loras)  # refuses (changing nothing) when fused
+        self._checkpoint_layer = layer
+        self.ste = None
         if ckpt.ste:
             ste = self.ste_template()
             ste.load_state_dict(ckpt.ste, strict=True)
@@ -218,10 +221,18 @@ class Editor:
     def unload_checkpoint(self) -> None:
         if self.checkpoint is None:
             return
-        if self.hot_swap:
-            self.pipe.clear_lora(verbose=0)
+        if self._checkpoint_layer is not None:
+            self.loras.set_layers(self.extra_loras)  # refused when the LoRA is fused (no hot_swap)
+            self._checkpoint_layer = None
         self.ste = None
         self.checkpoint = None
+
+    def set_extra_loras(self, layers: Sequence[LoRALayer]) -> None:
+        """Stack third-party LoRAs (`lora_formats.lora_layer`) on the checkpoint's LoRA, in this order, each with its
+        own strength; replaces the previous extra LoRAs (hot swap) or appends to them (fused)."""
+        layers = list(layers)
+        self.loras.set_layers(([self._checkpoint_layer] if self._checkpoint_layer else []) + layers)
+        self.extra_loras = layers
 
     # ---- preparation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -354,7 +365,7 @@ class Editor:
             gen = torch.Generator("cpu").manual_seed(int(settings.seed))
             noise = torch.randn(1, 16, h // 8, w // 8, generator=gen).to(device)
             sub_noise = torch.randn(1, 16, prep.box.height // 8, prep.box.width // 8, generator=gen).to(device)
-            grid = flow_sigmas(settings.steps, h, w).tolist()
+            grid = flow_sigmas(settings.steps, h, w, settings.schedule).tolist()
             x = noise.clone()
             x_sub = sub_noise.clone() if self.bridge else None
         keep = 1 - prep.mask_latent  # 1 outside the edit region
@@ -384,5 +395,6 @@ class Editor:
         info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
                                    "zero_cond_t": self.zero_cond_t, "size": list(prep.size), "fp8": self.fp8,
                                    "box": list(prep.box.to_subyx()),
-                                   "checkpoint": str(self.checkpoint.path) if self.checkpoint else None}
+                                   "checkpoint": str(self.checkpoint.path) if self.checkpoint else None,
+                                   "extra_loras": [layer.info() for layer in self.extra_loras]}
         return EditResult(image, sub_image, info, prep.notices, x, x_sub)

@@ -8,12 +8,23 @@ from __future__ import annotations
 import torch
 
 
-def flow_sigmas(steps: int, height: int, width: int) -> torch.Tensor:
-    """Qwen-Image inference sigmas (dynamic shift from the token count), with a final 0 appended: [steps + 1]."""
+FLOW_SCHEDULES = ("qwen", "lightning")
+
+
+def flow_sigmas(steps: int, height: int, width: int, schedule: str = "qwen") -> torch.Tensor:
+    """Inference sigmas with a final 0 appended: [steps + 1]. "qwen": Qwen-Image's (dynamic shift from the token
+    count, terminal shift 0.02); "lightning": the fixed shift 3 (μ = ln 3, no terminal shift) that lightx2v's
+    Lightning LoRAs were distilled with (diffsynth's `set_timesteps_qwen_image_lightning`)."""
     from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
     if steps < 1:
         raise ValueError("steps must be at least 1")
+    if schedule not in FLOW_SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(FLOW_SCHEDULES)}, got {schedule!r}")
+    if schedule == "lightning":
+        sigmas, _ = FlowMatchScheduler.set_timesteps_qwen_image_lightning(
+            num_inference_steps=steps, dynamic_shift_len=(height // 16) * (width // 16))
+        return torch.cat([sigmas.float(), torch.zeros(1)])
     if steps == 1:  # the Qwen schedule's terminal shift divides by 1 − σ = 0 for a single σ = 1
         return torch.tensor([1.0, 0.0])
     sigmas, _ = FlowMatchScheduler.set_timesteps_qwen_image(num_inference_steps=steps,
