@@ -1,8 +1,10 @@
-"""Tiny, randomly initialised Qwen-Image-Edit models for tests, the quickstart and the demo.
+"""Tiny Qwen-Image-Edit models for tests, the quickstart and the demo.
 
 They keep the real module names (so LoRA keys and targets match the 20B model) and are written in the same folder
 layout as the real weights, then loaded by the same loader (`loading.load_pipeline`). Only the widths shrink.
 A `tiny_models.json` at the root tells the loader which tiny classes the files' key hashes belong to.
+The DiT and the text encoder are random; the VAE is set analytically (`tiny_vae`: it reconstructs low-frequency
+images), and by default the DiT's output projection is zero, so an untrained LBM edit returns the source.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from diffsynth.models.general_modules import AdaLayerNorm, RMSNorm, TimestepEmbe
 from diffsynth.models.qwen_image_dit import QwenEmbedRope, QwenImageDiT, QwenImageTransformerBlock
 from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
 from diffsynth.models.qwen_image_vae import QwenImageVAE
+
+from .tiny_vae import set_analytic_vae
 
 TINY_TEXT_DIM = 64
 TINY_MARKER = "tiny_models.json"
@@ -85,25 +89,11 @@ class TinyQwenImageTextEncoder(QwenImageTextEncoder):
 
 
 class TinyQwenImageVAE(QwenImageVAE):
-    """The real VAE class at base_dim 8, one res block; z_dim stays 16 as the pipeline requires."""
+    """The real VAE class at base_dim 8, one res block; z_dim stays 16 as the pipeline requires. `write_tiny_model`
+    sets its weights with `tiny_vae.set_analytic_vae`."""
 
     def __init__(self):
         super().__init__(base_dim=8, num_res_blocks=1)
-
-
-@torch.no_grad()
-def calibrate_tiny_vae(vae: QwenImageVAE, seed: int = 0) -> QwenImageVAE:
-    """Make a random VAE's latents carry the image: zero the biases (a random net's constant offsets otherwise drown
-    the input) and scale `quant_conv` so latents of blocky random images vary with unit std across images. Learning
-    tests then see edits in latent space; the decoder stays random (the tiny model does not reconstruct images)."""
-    for name, p in vae.named_parameters():
-        if name.endswith("bias"):
-            p.zero_()
-    g = torch.Generator().manual_seed(seed)
-    images = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8, generator=g) * 2 - 1, size=64, mode="nearest")
-    spread = vae.encode(images).std(0).mean()
-    vae.quant_conv.weight.mul_(1.0 / float(spread))
-    return vae
 
 
 TINY_CLASSES = {
@@ -175,11 +165,14 @@ def _text_encoder_to_hf_keys(state_dict: dict) -> dict:
     return out
 
 
-def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     identity_out: bool = True) -> Path:
     """Write a complete tiny model tree under `root` in the hub layout of the real weights.
 
     root/Qwen/Qwen-Image-Edit-2511/transformer/, root/Qwen/Qwen-Image-Edit-2509/transformer/ (same DiT),
     root/Qwen/Qwen-Image/{text_encoder,vae,tokenizer}/, root/Qwen/Qwen-Image-Edit/processor/, and tiny_models.json.
+    `identity_out`: zero the DiT's `proj_out`, so the untrained DiT predicts 0 (an LBM edit returns the source and
+    the LoRA on `proj_out` learns the edit from there); False keeps it random, for tests of the forward itself.
     Idempotent: an existing complete tree is left alone.
     """
     from safetensors.torch import save_file
@@ -194,6 +187,10 @@ def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch
     torch.manual_seed(seed)
     files: dict[str, Path] = {}
     dit = TinyQwenImageDiT()
+    if identity_out:
+        with torch.no_grad():
+            dit.proj_out.weight.zero_()
+            dit.proj_out.bias.zero_()
     dit_sd = {k: v.to(dtype).contiguous() for k, v in dit.state_dict().items()}
     for repo in ("Qwen-Image-Edit-2511", "Qwen-Image-Edit-2509"):
         p = root / "Qwen" / repo / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -204,7 +201,7 @@ def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch
     te = TinyQwenImageTextEncoder()
     te_sd = {k: v.to(dtype).contiguous() for k, v in _text_encoder_to_hf_keys(te.state_dict()).items()}
     files["qwen_image_text_encoder"] = root / "Qwen/Qwen-Image/text_encoder/model.safetensors"
-    vae = calibrate_tiny_vae(TinyQwenImageVAE().eval())
+    vae = set_analytic_vae(TinyQwenImageVAE().eval())
     vae_sd = {k: v.to(dtype).contiguous() for k, v in vae.state_dict().items()}
     files["qwen_image_vae"] = root / "Qwen/Qwen-Image/vae/diffusion_pytorch_model.safetensors"
     for name, sd in (("qwen_image_text_encoder", te_sd), ("qwen_image_vae", vae_sd)):

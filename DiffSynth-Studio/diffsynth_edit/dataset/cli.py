@@ -15,7 +15,7 @@ USAGE = """usage:
                                     [--instructions FILE | --instruction TEXT] --out data/mydataset.json [...]
   generate_dataset_json_mp.py build --samples-dir DIR --out data/mydataset.json [...]
   generate_dataset_json_mp.py validate data/mydataset.json [--base-path DIR]
-  generate_dataset_json_mp.py sample-data --out data/raw_sample [--count 16 --size 64 --seed 0]
+  generate_dataset_json_mp.py sample-data --out data/raw_sample [--count 16 --size 64 --seed 0 --family objects]
 Each command's --help lists its flags; docs/dataset.md describes inputs and outputs."""
 
 
@@ -73,8 +73,9 @@ def main_sample_data(argv: Sequence[str]) -> int:
     from .synthetic import SampleDataConfig, make_sample_data
 
     cfg = _parse(SampleDataConfig, argv, "generate_dataset_json_mp.py sample-data", "sample_data")
-    data = make_sample_data(cfg.out, cfg.count, cfg.size, cfg.seed, cfg.layout, cfg.format)
-    print(f"wrote {len(data.stems)} synthetic samples ({cfg.size}x{cfg.size}, {cfg.layout} layout) to {data.root}")
+    data = make_sample_data(cfg.out, cfg.count, cfg.size, cfg.seed, cfg.layout, cfg.format, family=cfg.family)
+    print(f"wrote {len(data.stems)} synthetic {cfg.family} samples ({cfg.size}x{cfg.size}, {cfg.layout} layout) "
+          f"to {data.root}")
     print("build it with:\n  python generate_dataset_json_mp.py build " + " ".join(data.build_args())
           + f" --out {data.root.parent / (data.root.name + '.json')}")
     return 0

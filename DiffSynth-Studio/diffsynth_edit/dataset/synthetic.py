@@ -1,14 +1,16 @@
-"""A small synthetic raw dataset (the quickstart's and the tests' input): simple shapes on textured backgrounds,
-each pair differing by one local edit — recolour, add or remove an object. Deterministic by seed (each sample
-has its own generator seeded by (seed, index), so sample i is the same whatever `count` is).
+"""A small synthetic raw dataset (the quickstart's and the tests' input), in two families. "objects" (default):
+simple shapes on textured backgrounds, each pair differing by one local edit — recolour, add or remove an object.
+"fill" (`synthetic_fill.py`, the quickstart's): a white box filled with a named colour, built so that the tiny
+model can learn it. Deterministic by seed (each sample has its own generator seeded by (seed, index), so sample i
+is the same whatever `count` is).
 
 Layout "paired" (default):
     OUT/source/<stem>.png  OUT/source/<stem>.txt (instruction)  OUT/target/<stem>.png  OUT/mask/<stem>.png
     OUT/edit_types.csv     (columns stem,edit_type)
 Layout "samples": OUT/<stem>/{source.png,target.png,mask.png,prompt.txt} plus OUT/edit_types.csv.
 
-The background is pixel-identical outside the edited object; the mask is the object (dilated by ~1.5 % of
-the side) and covers 10–40 % of the image.
+The background is pixel-identical outside the edited region; the mask is the object (dilated by ~1.5 % of
+the side; "fill": the box) and covers 10–40 % of the image.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ EDIT_TYPES = {
     "recolor": "Recolor an object",
     "add": "Add a new object",
     "remove": "Remove an existing object",
+    "fill": "Fill a box with a colour",  # the "fill" family (synthetic_fill.py)
 }
 COLORS = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (40, 80, 215), "yellow": (235, 205, 35),
@@ -48,6 +51,10 @@ class SampleDataConfig:
     layout: Literal["paired", "samples"] = field(
         default="paired", metadata={"help": "paired: source/ target/ mask/ folders; samples: one folder per sample"})
     format: Literal["png", "jpg"] = field(default="png", metadata={"help": "file format of source/target (png)"})
+    family: Literal["objects", "fill"] = field(
+        default="objects", metadata={"help": "objects: recolour/add/remove a shape on a striped texture; fill: fill a "
+                                             "white box with a named colour (learnable by the tiny model, the "
+                                             "quickstart's)"})
 
     def validate(self) -> None:
         from ..config import ConfigError
@@ -197,9 +204,14 @@ def _save(img: Image.Image, path: Path, fmt: str) -> None:
 
 
 def _write_sample(args: tuple) -> tuple[str, str]:
-    root, stem, index, seed, width, height, layout, format = args
+    root, stem, index, seed, width, height, layout, format, family = args
     ext = ".jpg" if format == "jpg" else ".png"
-    pair = make_pair(np.random.default_rng([seed, index]), height, width)
+    if family == "fill":
+        from .synthetic_fill import make_fill_pair
+
+        pair = make_fill_pair(np.random.default_rng([seed, index]), height, width)
+    else:
+        pair = make_pair(np.random.default_rng([seed, index]), height, width)
     if layout == "samples":
         d = root / stem
         _save(pair.source, d / f"source{ext}", format)
@@ -216,13 +228,14 @@ def _write_sample(args: tuple) -> tuple[str, str]:
 
 def make_sample_data(out: Path | str, count: int = 16, size: int = 64, seed: int = 0,
                      layout: str = "paired", format: str = "png", height: int | None = None,
-                     workers: int = 1) -> SampleData:
+                     workers: int = 1, family: str = "objects") -> SampleData:
     """Write `count` synthetic pairs of `size` (width) x `height` (default square) px under `out`
-    (`workers` > 1 generates in a process pool; the files are the same)."""
+    (`workers` > 1 generates in a process pool; the files are the same). `family`: "objects" (this module's
+    shapes) or "fill" (`synthetic_fill`)."""
     root = Path(out)
     height = height or size
     stems = [f"sample_{i:04d}" for i in range(count)]
-    jobs = [(root, stem, i, seed, size, height, layout, format) for i, stem in enumerate(stems)]
+    jobs = [(root, stem, i, seed, size, height, layout, format, family) for i, stem in enumerate(stems)]
     if workers > 1 and count > 1:
         import multiprocessing as mp
 

@@ -110,6 +110,8 @@ class EvaluateInputs:
     grid_rows: int = field(default=16, metadata=_h("samples shown in grid.png (0 = no grid)"))
     grid_cell: int = field(default=256, metadata=_h("grid cell size in pixels"))
     lpips: bool = field(default=True, metadata=_h("LPIPS when the lpips package and its weights are local"))
+    references: bool = field(default=True, metadata=_h(
+        "reference rows: the identity edit (source unchanged) and the VAE round trip of the target (loads the VAE)"))
 
 
 @dataclass
@@ -406,6 +408,7 @@ def evaluate_outputs(cfg: EvaluateConfig, jobs: list[Job], out_dir: Path, image_
     from PIL import Image
 
     from .editor import to_rgb
+    from .eval_reference import REFERENCE_METRICS, psnr_table, reference_metrics, tile_caption, vae_roundtrip
     from .evaluate import (PIXEL_METRICS, PSNR_CAP_DB, LPIPSScorer, SampleEvaluation, align_to_output,
                            comparison_grid, lpips_status, mean_metrics, region_metrics, save_png, write_metrics)
 
@@ -418,8 +421,15 @@ def evaluate_outputs(cfg: EvaluateConfig, jobs: list[Job], out_dir: Path, image_
         except Exception as e:  # noqa: BLE001 - a broken optional metric must not stop the evaluation
             lpips_ok, lpips_reason = False, f"lpips failed to load: {e}"
     keys = list(PIXEL_METRICS) + (["lpips", "lpips_in"] if lpips_ok else [])
+    vae_pipe = None
+    if cfg.references:
+        from ..loading import load_pipeline
+
+        keys += REFERENCE_METRICS
+        device, dtype = resolve_device(cfg.device, cfg.dtype)
+        vae_pipe = load_pipeline(sources_from(cfg), components=("vae",), device=device, torch_dtype=dtype)
     results: list[SampleEvaluation] = []
-    grid_rows = []
+    grid_rows, grid_captions = [], []
     for job in jobs:
         ev = SampleEvaluation(id=job.ident or job.name, index=job.index)
         image_path, sub_path, _ = job.outputs(image_dir)
@@ -434,6 +444,9 @@ def evaluate_outputs(cfg: EvaluateConfig, jobs: list[Job], out_dir: Path, image_
             target, binary, notes = align_to_output(output, target_full, mask)
             ev.notes += notes
             ev.metrics = region_metrics(output, target, binary)
+            if cfg.references:
+                source = to_rgb(open_image(job.source, "source image"), "source image")
+                ev.metrics.update(reference_metrics(source, target, binary, vae_roundtrip(vae_pipe, target)))
             if scorer is not None:
                 ev.metrics["lpips"] = scorer(output, target)
                 ev.metrics["lpips_in"] = None
@@ -447,6 +460,7 @@ def evaluate_outputs(cfg: EvaluateConfig, jobs: list[Job], out_dir: Path, image_
                 sub = open_image(sub_path, "sub image").convert("RGB") if sub_path.is_file() else None
                 source = to_rgb(open_image(job.source, "source image"), "source image")
                 grid_rows.append([source, target_full, output, sub])
+                grid_captions.append([None, None, tile_caption(ev.metrics), None])
         except ValueError as e:
             ev.error = str(e)
             log(f"error: evaluating {ev.id}: {e}")
@@ -461,10 +475,11 @@ def evaluate_outputs(cfg: EvaluateConfig, jobs: list[Job], out_dir: Path, image_
         "mean": mean_metrics([r.metrics for r in ok], keys + ["mask_fraction"]),
         "settings": config_to_dict(cfg),
     }
+    summary["psnr"] = psnr_table(summary["mean"])  # edit / identity / vae rows, each {all, in, out}
     columns = ["id", "index", *keys, "mask_fraction", "error", "notes"]
     write_metrics(out_dir, rows, columns, summary)
     if grid_rows:
-        save_png(comparison_grid(grid_rows, cell=cfg.grid_cell), out_dir / "grid.png")
+        save_png(comparison_grid(grid_rows, cell=cfg.grid_cell, captions=grid_captions), out_dir / "grid.png")
     return summary
 
 
@@ -482,9 +497,13 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> int:
         v = mean.get(k)
         return "n/a" if v is None else f"{v:.4f}"
 
+    from .eval_reference import format_table
+
     log(f"evaluated {summary['evaluated']} of {summary['count']} (edited {edited}, reused {skipped}); "
         f"PSNR {fmt('psnr')} dB, MSE {fmt('mse')}, MAE in/out {fmt('mae_in')}/{fmt('mae_out')}; "
         f"lpips: {summary['lpips']}; wrote {out_dir / 'metrics.csv'}, {out_dir / 'metrics.json'}")
+    log(format_table(summary["psnr"]) if cfg.references else
+        f"PSNR in/out of the mask (dB): edit {fmt('psnr_in')}/{fmt('psnr_out')} (no references: --references false)")
     return 1 if failures or summary["failed"] else 0
 
 

@@ -207,11 +207,13 @@ def write_metrics(out_dir: Path | str, rows: Sequence[dict[str, Any]], columns: 
 
 
 def comparison_grid(rows: Sequence[Sequence[Image.Image | None]], cell: int = 256,
-                    labels: Sequence[str] = ("source", "target", "output", "sub image")) -> Image.Image:
-    """Rows of (source | target | output | sub image); a missing image (e.g. no sub image) is a white cell."""
+                    labels: Sequence[str] = ("source", "target", "output", "sub image"),
+                    captions: Sequence[Sequence[str | None]] | None = None) -> Image.Image:
+    """Rows of (source | target | output | sub image); a missing image (e.g. no sub image) is a white cell;
+    `captions`: text under the cells (the evaluation writes each output's PSNR in/out of the mask)."""
     from ..imagegrid import make_grid
 
-    return make_grid([list(r) for r in rows], labels=list(labels), cell=cell)
+    return make_grid([list(r) for r in rows], labels=list(labels), cell=cell, captions=captions)
 
 
 def save_png(image: Image.Image, path: Path | str) -> Path:

@@ -49,6 +49,11 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
+    def log_wandb(self, step: int, values: dict[str, float], prefix: str) -> None:
+        """Values that are not metrics.csv columns (e.g. the validation PSNR, kept in eval_metrics.csv): wandb only."""
+        if self.enabled and self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
     def log_image(self, step: int, key: str, path: Path) -> None:
         if self.enabled and self.wandb is not None:
             import wandb

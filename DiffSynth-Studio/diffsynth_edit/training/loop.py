@@ -582,10 +582,15 @@ class Trainer:
 
             vae_params = list(self.pipe.vae.parameters()) if self.pipe.vae is not None else []
             with deepspeed.zero.GatheredParameters(vae_params, modifier_rank=None):
-                out = validate(self.pipe, m.dit, ste, self.cfg, self.variant.name, path if self.main else None)
+                out, metrics = validate(self.pipe, m.dit, ste, self.cfg, self.variant.name,
+                                        path if self.main else None)
         elif self.main:
-            out = validate(self.pipe, m.dit, ste, self.cfg, self.variant.name, path)
+            out, metrics = validate(self.pipe, m.dit, ste, self.cfg, self.variant.name, path)
         if self.main:
+            from .eval_curve import record
+
+            record(self.run_dir, self.step, metrics)
+            logger.log_wandb(self.step, {k: v for k, v in metrics.items() if k != "samples" and v is not None}, "val")
             logger.log_image(self.step, "validation", out)
         self.accelerator.wait_for_everyone()
         return out

@@ -31,24 +31,28 @@ def prepared_from_cache(pipe, s: CachedSample) -> PreparedEdit:
 
 
 @torch.no_grad()
-def validate(pipe, dit, ste, cfg: TrainConfig, variant: str, out: Path | None) -> Path | None:
+def validate(pipe, dit, ste, cfg: TrainConfig, variant: str, out: Path | None) -> tuple[Path | None, dict]:
     """Grid rows: source | target | output | sub output, written to `out` (None: sample only, as the other ranks do
-    under ZeRO-3). The caller switched the model to its eval view."""
+    under ZeRO-3), and the mean PSNR of the outputs in/out of the mask (`eval_curve.mean_row`). The caller switched
+    the model to its eval view."""
+    from .eval_curve import latent_mask, mean_row, sample_metrics
+
     index = open_cache(cfg.val_cache_dir)
     editor = Editor(pipe, variant=variant, ste=ste, mode="bridge" if ste is not None else "plain")
     settings = (EditSettings(sampler="lbm", steps=min(4, cfg.val_steps), cfg_scale=1.0) if cfg.objective == "lbm"
                 else EditSettings(sampler="flow", steps=cfg.val_steps, cfg_scale=cfg.val_cfg))
-    rows = []
+    rows, metrics = [], []
     for i in range(min(cfg.val_samples, len(index))):
         s = index.load(i)
         prep = prepared_from_cache(pipe, s)
         x, x_sub = editor.sample(prep, settings)
         target = vae_decode(pipe, s.input_latents[None].to(pipe.device, pipe.torch_dtype))[0]
-        rows.append([prep.source, target, vae_decode(pipe, x)[0],
-                     vae_decode(pipe, x_sub)[0] if x_sub is not None else None])
+        output = vae_decode(pipe, x)[0]
+        rows.append([prep.source, target, output, vae_decode(pipe, x_sub)[0] if x_sub is not None else None])
+        metrics.append(sample_metrics(prep.source, target, output, latent_mask(s.mask_latent, output.size)))
     if out is None:
-        return None
+        return None, mean_row(metrics)
     grid = make_grid(rows, labels=["source", "target", "output", "sub"])
     with atomic_path(out) as tmp:
         grid.save(tmp, format="PNG")
-    return out
+    return out, mean_row(metrics)
