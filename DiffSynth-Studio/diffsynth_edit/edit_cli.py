@@ -46,6 +46,9 @@ class ModelOptions(ModelPathOptions):
     fp8: bool = field(default=False, metadata=_h("fp8 matmuls in the DiT blocks (CUDA, Ada/Hopper; approximate)"))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto", metadata=_h("auto = bfloat16 on GPU, float32 on CPU"))
+    dit_activation: Literal["auto", "gelu-tanh", "sigmoid-1.702"] = field(default="auto", metadata=_h(
+        "DiT MLP activation: auto = the checkpoint's (recorded in its metadata; older checkpoints: sigmoid-1.702), "
+        "without a checkpoint gelu-tanh (the released model's); or force gelu-tanh / sigmoid-1.702"))
 
 
 @dataclass
@@ -203,7 +206,7 @@ def build_editor(cfg: ModelOptions):
     if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
         raise SystemExit(f"--compile and --fp8 need a CUDA device (--device); this run is on {device}")
     pipe = load_pipeline(sources_from(cfg), device=device, torch_dtype=dtype)
-    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode)
+    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode, activation=cfg.dit_activation)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
     if cfg.compile or cfg.fp8:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .activation import ActivationChoice, checkpoint_activation, dit_activation, set_dit_activation
 from .bridge_dit import DiTInputs, bridge_forward
 from .checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
 from .dataset.image_io import to_mask
@@ -157,7 +158,10 @@ class Editor:
     """Holds one loaded pipeline; edits with or without a trained checkpoint (LoRA + STE)."""
 
     def __init__(self, pipe, variant: str = "2511", ste: STE | None = None, hot_swap: bool = False,
-                 mode: Literal["auto", "bridge", "plain"] = "auto"):
+                 mode: Literal["auto", "bridge", "plain"] = "auto", activation: ActivationChoice = "auto",
+                 log: Callable[[str], None] = print):
+        """`activation`: the DiT MLP's activation (see `activation`); "auto" keeps the loaded model's (the reference
+        tanh-GELU from `load_pipeline`) and, with a checkpoint, runs the one the checkpoint was trained with."""
         self.pipe = pipe
         self.variant = get_variant(variant).name
         self.zero_cond_t = get_variant(variant).zero_cond_t
@@ -171,6 +175,11 @@ class Editor:
         self._side_stream: torch.cuda.Stream | None = None  # made on the first CUDA prepare (`_vae_stream`)
         if hot_swap:
             pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
+        self.log = log
+        self.activation_choice = activation
+        self._base_activation = dit_activation(pipe.dit) if activation == "auto" else activation
+        if activation != "auto":
+            set_dit_activation(pipe.dit, activation)
 
     @classmethod
     def from_sources(cls, sources: ModelSources, device: str = "cpu", torch_dtype: torch.dtype = torch.bfloat16,
@@ -201,6 +210,7 @@ class Editor:
             raise CheckpointError("a LoRA is already fused into this editor's model; create the editor with "
                                   "hot_swap=True to switch checkpoints")
         self.unload_checkpoint()
+        self._apply_checkpoint_activation(ckpt)
         if ckpt.lora.modules:
             lora = {k: v.to(device=self.pipe.device, dtype=self.pipe.torch_dtype)
                     for k, v in ckpt.lora.fused_form(strength).items()}
@@ -222,6 +232,23 @@ class Editor:
             self.pipe.clear_lora(verbose=0)
         self.ste = None
         self.checkpoint = None
+        if self._base_activation is not None:
+            set_dit_activation(self.pipe.dit, self._base_activation)
+
+    @property
+    def activation(self) -> str | None:
+        """The activation the DiT computes now."""
+        return dit_activation(self.pipe.dit)
+
+    def _apply_checkpoint_activation(self, ckpt: Checkpoint) -> None:
+        trained, note = checkpoint_activation(ckpt.metadata, str(ckpt.path or "checkpoint"))
+        if self.activation_choice == "auto":
+            if note:
+                self.log(f"[editor] {note}")
+            set_dit_activation(self.pipe.dit, trained)
+        elif trained != self.activation_choice:
+            self.log(f"[editor] {ckpt.path or 'checkpoint'} was trained with the {trained} activation; running it "
+                     f"with {self.activation_choice} as configured (dit_activation)")
 
     # ---- preparation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -383,6 +410,7 @@ class Editor:
         sub_image = vae_decode(self.pipe, x_sub)[0] if x_sub is not None else None
         info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
                                    "zero_cond_t": self.zero_cond_t, "size": list(prep.size), "fp8": self.fp8,
+                                   "dit_activation": self.activation,
                                    "box": list(prep.box.to_subyx()),
                                    "checkpoint": str(self.checkpoint.path) if self.checkpoint else None}
         return EditResult(image, sub_image, info, prep.notices, x, x_sub)
