@@ -26,6 +26,7 @@ from .dataset.image_io import to_mask
 from .encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decode, vae_encode, white_latents
 from .geometry import Box, binarize_mask, fit_size, mask_bbox
 from .loading import ModelSources, load_pipeline
+from .prompts import edit_prompt
 from .sampling import euler_step, flow_sigmas, lbm_grid
 from .speedups import quantize_dit_fp8
 from .ste import STE
@@ -257,6 +258,7 @@ class Editor:
             raise EditInputError("no input image given")
         if not isinstance(request.prompt, str):
             raise EditInputError("prompt must be a string")
+        prompt = edit_prompt(request.prompt)  # the training prompt's form (prompts.edit_prompt)
         notices: list[str] = []
         original = to_rgb(request.image, "image")
         source, note = fit_image(original, settings.max_pixels)
@@ -277,10 +279,10 @@ class Editor:
         with torch.cuda.stream(side) if side is not None else nullcontext():
             edit_latents = vae_encode(self.pipe, images)
         if settings.cfg_scale != 1.0:  # one text-encoder pass + the negative's tail tokens on its KV cache
-            pair = encode_prompt_pair(self.pipe, request.prompt, images, request.negative_prompt or "")
+            pair = encode_prompt_pair(self.pipe, prompt, images, request.negative_prompt or "")
             prompt_emb, prompt_mask, nega_emb, nega_mask = pair.emb, pair.mask, pair.nega_emb, pair.nega_mask
         else:  # the negative is unused without guidance
-            prompt_emb, prompt_mask = encode_prompt(self.pipe, request.prompt, images)
+            prompt_emb, prompt_mask = encode_prompt(self.pipe, prompt, images)
             nega_emb, nega_mask = prompt_emb, prompt_mask
         if side is not None:  # later work on the main stream waits for the latents; the allocator learns it uses them
             main = torch.cuda.current_stream(side.device)

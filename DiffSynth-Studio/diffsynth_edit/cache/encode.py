@@ -34,6 +34,7 @@ from PIL import Image
 from ..atomic import atomic_path, kill_point
 from ..config import ModelPathOptions
 from ..geometry import Box, binarize_mask, mask_bbox
+from ..prompts import edit_prompt
 from ..variants import VariantMismatchError, check_same_variant, get_variant
 from .manifest import (FORMAT, MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest,
                        encoder_identity, read_manifest, sample_hash, write_manifest)
@@ -253,7 +254,7 @@ def load_items(cfg: CacheConfig) -> list[_Item]:
         seen.add(sid)
         if not e.edit_image:
             raise CacheRunError(f"dataset {cfg.dataset}: sample {sid} has no edit_image (the source image)")
-        items.append(_Item(index=index, id=sid, prompt=str(e.prompt), edit_type=getattr(e, "edit_type", None),
+        items.append(_Item(index=index, id=sid, prompt=edit_prompt(str(e.prompt)), edit_type=getattr(e, "edit_type", None),
                            image=Path(e.image), edit_image=[Path(p) for p in e.edit_image],
                            back_mask=None if getattr(e, "back_mask", None) is None else Path(e.back_mask),
                            ref_gt_crop=None if getattr(e, "ref_gt_crop", None) is None else Path(e.ref_gt_crop)))
@@ -418,7 +419,7 @@ def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
         mask = None
         if item.back_mask is not None:
             try:
-                mask, _ = prepare_mask(_open(item.back_mask, "back_mask"), size)
+                mask, _ = prepare_mask(_open(item.back_mask, "back_mask"), size, src_raw.size)  # the editor's rule
             except EditInputError as e:
                 raise SampleError(f"back_mask {item.back_mask}: {e}") from None
         w, h = size

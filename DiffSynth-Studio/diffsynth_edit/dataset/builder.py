@@ -33,6 +33,7 @@ from PIL import Image, ImageChops, ImageStat
 from ..atomic import atomic_write_bytes, atomic_write_if_changed, json_text
 from ..config import ConfigError
 from ..geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
+from ..prompts import edit_prompt
 from .image_io import (FORMAT_EXTENSION, WHITE, DecodedImage, ImageDecodeError, atomic_save_image, decode_image,
                        is_image_file, to_mask, to_rgb)
 from .schema import DEFAULT_PROMPT_TEMPLATE, DatasetFormatError, dataset_text, read_numbered_records, relative_path
@@ -64,7 +65,8 @@ class BuildConfig:
         "CSV or JSONL with `stem`, `instruction` (optional) and `edit_type` (optional)"))
     instruction: str | None = field(default=None, metadata=_h("one instruction for every sample without its own"))
     prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE, metadata=_h(
-        "prompt template; {instruction} is replaced (default 'Picture 1 is the image to modify. {instruction}')"))
+        "prompt template; {instruction} is replaced (default 'Picture 1 is the image to modify. {instruction}'); "
+        "the result always starts with that prefix (prompts.edit_prompt, the rule the editor and app apply too)"))
     max_pixels: int = field(default=1024 * 1024, metadata=_h("resize to at most this many pixels (1048576)"))
     diff_threshold: int = field(default=24, metadata=_h(
         "derived masks: per-pixel max abs RGB difference (0-255) above which a pixel is edited (24)"))
@@ -693,7 +695,7 @@ def _process(spec: SampleSpec, st: BuildSettings) -> SampleResult:
     crop_rel = put("ref_gt_crop", spec.id, ref_gt.crop(box.pil_box()))
 
     record: dict[str, Any] = {
-        "prompt": st.prompt_template.replace("{instruction}", spec.instruction),
+        "prompt": edit_prompt(st.prompt_template.replace("{instruction}", spec.instruction)),
         "image": image_rel,
         "edit_image": [edit0] + edit_rest,
         "back_mask": mask_rel,
