@@ -115,8 +115,13 @@ def test_diffsynth_approximation_is_the_option_and_differs(tiny_pipe):
 def test_checkpoint_activation_metadata():
     assert checkpoint_activation({"dit_activation": "gelu-tanh"}) == (REFERENCE, None)
     assert checkpoint_activation({"dit_activation": "sigmoid-1.702"}) == (DIFFSYNTH, None)
-    act, note = checkpoint_activation({}, "old.safetensors")
-    assert act == DIFFSYNTH and "old.safetensors" in note and "assuming" in note
+    # a workspace checkpoint from before the field (format marker or STE weights): diffsynth's approximation
+    act, note = checkpoint_activation({"format": "qwen-edit-workspace/1"}, "old.safetensors")
+    assert act == DIFFSYNTH and "old.safetensors" in note and "assuming diffsynth's" in note
+    assert checkpoint_activation({}, "old.safetensors", has_ste=True)[0] == DIFFSYNTH
+    # any other LoRA without the field (ComfyUI/diffusers exports): the released model's
+    act, note = checkpoint_activation({}, "foreign.safetensors")
+    assert act == REFERENCE and "assuming the released model's gelu-tanh" in note
     with pytest.raises(ValueError, match="dit_activation must be one of"):
         checkpoint_activation({"dit_activation": "relu"})
 
@@ -124,8 +129,9 @@ def test_checkpoint_activation_metadata():
 @pytest.mark.parametrize("choice, meta, expected, logged", [
     ("auto", {"dit_activation": "gelu-tanh"}, REFERENCE, None),
     ("auto", {"dit_activation": "sigmoid-1.702"}, DIFFSYNTH, None),
-    ("auto", {}, DIFFSYNTH, "assuming diffsynth's sigmoid-1.702"),
-    ("gelu-tanh", {}, REFERENCE, "running it with gelu-tanh as configured"),
+    ("auto", {"format": "qwen-edit-workspace/1"}, DIFFSYNTH, "assuming diffsynth's sigmoid-1.702"),
+    ("auto", {}, REFERENCE, "assuming the released model's gelu-tanh"),
+    ("gelu-tanh", {"format": "qwen-edit-workspace/1"}, REFERENCE, "running it with gelu-tanh as configured"),
 ])
 def test_editor_honours_checkpoint_activation(tiny_sources, tmp_path, choice, meta, expected, logged):
     """The editor runs a checkpoint under the activation it was trained with (auto), an older checkpoint without

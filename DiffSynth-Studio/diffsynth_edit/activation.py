@@ -23,7 +23,7 @@ REFERENCE: Activation = "gelu-tanh"
 DIFFSYNTH: Activation = "sigmoid-1.702"
 ACTIVATIONS: tuple[str, ...] = (REFERENCE, DIFFSYNTH)
 METADATA_KEY = "dit_activation"
-# Checkpoints written before the field existed were all trained under diffsynth's approximation.
+# Workspace checkpoints written before the field existed were all trained under diffsynth's approximation.
 LEGACY_ACTIVATION: Activation = DIFFSYNTH
 
 
@@ -60,11 +60,19 @@ def dit_activation(dit: torch.nn.Module) -> Activation | None:
     return found.pop() if len(found) == 1 else None
 
 
-def checkpoint_activation(metadata: dict[str, Any], where: str = "checkpoint") -> tuple[Activation, str | None]:
-    """(activation a checkpoint was trained with, a notice when it had to be assumed). A checkpoint without the
-    field predates it and was trained under diffsynth's approximation, so that is assumed (and said)."""
+def checkpoint_activation(metadata: dict[str, Any], where: str = "checkpoint",
+                          has_ste: bool = False) -> tuple[Activation, str | None]:
+    """(activation a checkpoint was trained with, a notice when it had to be assumed).
+
+    Without the field: a file of this workspace's trainer (metadata `format` "qwen-edit-workspace/…", or STE weights,
+    which only this workspace and the original one write) predates the field and was trained under diffsynth's
+    approximation, so that is assumed; any other LoRA (ComfyUI/diffusers exports, other trainers) is assumed to be
+    made for the released model's activation. Both are said in the notice."""
     value = metadata.get(METADATA_KEY)
-    if value is None:
+    if value is not None:
+        return check_activation(str(value), f"{where}: {METADATA_KEY}"), None
+    if has_ste or str(metadata.get("format", "")).startswith("qwen-edit-workspace"):
         return LEGACY_ACTIVATION, (f"{where} records no {METADATA_KEY} (written before the field existed): assuming "
                                    f"diffsynth's {LEGACY_ACTIVATION} it was trained with")
-    return check_activation(str(value), f"{where}: {METADATA_KEY}"), None
+    return REFERENCE, (f"{where} records no {METADATA_KEY} and is not a workspace checkpoint: assuming the released "
+                       f"model's {REFERENCE}")

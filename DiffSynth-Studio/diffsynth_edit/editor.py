@@ -242,7 +242,7 @@ class Editor:
         return dit_activation(self.pipe.dit)
 
     def _apply_checkpoint_activation(self, ckpt: Checkpoint) -> None:
-        trained, note = checkpoint_activation(ckpt.metadata, str(ckpt.path or "checkpoint"))
+        trained, note = checkpoint_activation(ckpt.metadata, str(ckpt.path or "checkpoint"), ckpt.has_ste)
         if self.activation_choice == "auto":
             if note:
                 self.log(f"[editor] {note}")

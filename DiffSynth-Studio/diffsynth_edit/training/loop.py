@@ -262,7 +262,7 @@ class Trainer:
         if cfg.init_from is not None:
             init = read_checkpoint(cfg.init_from)
             info = load_into_training(init, dit, self.ste, cfg.lora_rank, alpha, self.variant.name)
-            trained, note = checkpoint_activation(init.metadata, str(cfg.init_from))
+            trained, note = checkpoint_activation(init.metadata, str(cfg.init_from), init.has_ste)
             if note or trained != cfg.dit_activation:
                 self._print(f"[train] {note or f'{cfg.init_from} was trained with the {trained} activation'}; this "
                             f"run trains with {cfg.dit_activation} (dit_activation)")
