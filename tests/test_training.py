@@ -109,6 +109,13 @@ def test_checkpoint_metadata_and_logs(cache_dir, tiny_root, tmp_path):
     ckpt = read_checkpoint(path)
     assert ckpt.metadata["variant"] == "2511" and ckpt.metadata["zero_cond_t"] is True
     assert ckpt.metadata["step"] == 2 and ckpt.metadata["lora_rank"] == 4
+    # the DiT trains under the released model's activation by default, diffsynth's on request; recorded either way
+    from diffsynth_edit.activation import dit_activation
+
+    assert ckpt.metadata["dit_activation"] == "gelu-tanh" == dit_activation(trainer.unwrapped().dit)
+    approx, approx_path = run(make_cfg(cache_dir, tiny_root, tmp_path / "approx", dit_activation="sigmoid-1.702"))
+    assert dit_activation(approx.unwrapped().dit) == "sigmoid-1.702"
+    assert read_checkpoint(approx_path).metadata["dit_activation"] == "sigmoid-1.702"
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.glob("step-*.safetensors")) == ["step-000002.safetensors"]  # keep_last 1
     rows = (run_dir / "metrics.csv").read_text().splitlines()
