@@ -170,6 +170,9 @@ def test_export_keys_map_one_to_one(cache_dir, tiny_root, tmp_path):
     lora_modules = {k.rsplit(".lora_A", 1)[0] for k in load_file(str(path)) if ".lora_A." in k}
     assert set(names) == lora_modules and len(sd) == 2 * len(lora_modules)
     assert all(n in modules for n in names)
+    from diffsynth_edit.checkpoint import read_metadata
+
+    assert read_metadata(out)["dit_activation"] == "gelu-tanh"  # the activation travels with the export
 
 
 def test_non_finite_loss_stops_without_checkpoint(cache_dir, tiny_root, tmp_path, monkeypatch):

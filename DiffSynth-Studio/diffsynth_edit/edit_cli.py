@@ -48,8 +48,8 @@ class ModelOptions(ModelPathOptions):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto", metadata=_h("auto = bfloat16 on GPU, float32 on CPU"))
     dit_activation: Literal["auto", "gelu-tanh", "sigmoid-1.702"] = field(default="auto", metadata=_h(
-        "DiT MLP activation: auto = the checkpoint's (recorded in its metadata; older checkpoints: sigmoid-1.702), "
-        "without a checkpoint gelu-tanh (the released model's); or force gelu-tanh / sigmoid-1.702"))
+        "DiT MLP activation: auto = the checkpoint's (its metadata; older workspace checkpoints: sigmoid-1.702, "
+        "other LoRAs: gelu-tanh), without a checkpoint gelu-tanh (the released model's); or force one"))
 
 
 @dataclass
@@ -313,7 +313,6 @@ def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = ""
 def edit_jobs(cfg, jobs: list[Job], out_dir: Path, editor=None, log=print) -> tuple[int, int, list[tuple[Job, str]]]:
     """(edited, skipped, failures). Loads the model only when some job is pending."""
     from .editor import EditInputError
-
     from .reuse import changed_settings, run_settings, write_settings
 
     settings = settings_from(cfg)
