@@ -249,3 +249,39 @@ def test_queue_polls_every_5_ms_and_edit_skips_component_preprocessing():
     finally:
         demo.close()
 
+
+
+def test_use_as_input_chains_two_edits(live):
+    """The page's own path: Generate on an image with a painted mask, "Use as input" on its output, Generate again.
+    The second edit starts from exactly the first output's pixels: it equals an /edit call on that output file."""
+    from gradio_client import handle_file
+
+    f, client = live["files"], live["client"]
+    layer = Image.new("RGBA", (128, 96), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (32, 16, 80, 64))  # brush paint = the region to edit
+    layer.save(f / "layer.png")
+    first_value = {"background": handle_file(str(f / "image.png")), "layers": [handle_file(str(f / "layer.png"))],
+                   "composite": handle_file(str(f / "image.png"))}
+    first, _, _, settings1, _ = client.predict(first_value, "make it blue", None, "", 1.0, "flow", 2, 2.0, 1, 0.0,
+                                               api_name="/ui_generate")
+    assert settings1["mask"] == "painted" and settings1["size"] == [128, 96]
+    first_px = np.asarray(Image.open(first).convert("RGB"))
+    assert not np.array_equal(first_px, np.asarray(Image.open(f / "image.png").convert("RGB")))
+
+    chained = client.predict(handle_file(first), api_name="/use_as_input")
+    assert chained["layers"] == [] and np.array_equal(np.asarray(Image.open(chained["background"]).convert("RGB")),
+                                                      first_px)
+    second_value = {"background": handle_file(chained["background"]), "layers": [],
+                    "composite": handle_file(chained["composite"])}
+    second, sub, compare, settings2, _ = client.predict(
+        second_value, "make it red", None, "run1/step-20.safetensors", 1.0, "flow", 2, 2.0, 5, 0.0,
+        api_name="/ui_generate")
+    before = compare[0] if isinstance(compare, (list, tuple)) else compare
+    assert np.array_equal(np.asarray(Image.open(before).convert("RGB")), first_px)  # the "before" is edit 1's output
+    assert settings2["mask"].startswith("none") and settings2["checkpoint"] == "run1/step-20.safetensors"
+    second_px = np.asarray(Image.open(second).convert("RGB"))
+    assert second_px.shape == first_px.shape and not np.array_equal(second_px, first_px)
+    assert Image.open(sub).size == (128, 96)  # bridge checkpoint, no mask: the sub stream is the whole image
+    direct, _, _ = _edit(live, image=handle_file(first), mask=None, prompt="make it red",
+                         checkpoint="run1/step-20.safetensors", seed=5)
+    assert np.array_equal(np.asarray(Image.open(direct).convert("RGB")), second_px)

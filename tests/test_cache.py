@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from numerics import FP32_REL, assert_close_scaled
+
 REPO = Path(__file__).resolve().parents[1]
 
-# The cache encodes VAE inputs in batches, the editor one by one: conv kernels differ by batch size (≈1e-5).
-LATENT_TOL = dict(atol=5e-5, rtol=1e-4)
+# The cache encodes VAE inputs in batches, the editor one by one: conv kernels differ by batch size (≈1e-5 of the
+# latents' scale).
+LATENT_REL = 1e-4
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
@@ -101,6 +104,7 @@ def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
     from diffsynth_edit.cache import open_cache
     from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor, fit_image, to_rgb
     from diffsynth_edit.encoding import vae_encode, white_latents
+    from diffsynth_edit.prompts import edit_prompt
 
     data = tmp_path / "data"
     data.mkdir()
@@ -109,6 +113,11 @@ def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
         make_sample(data, "nomask", 64, 64, 2),
         make_sample(data, "wide", 48, 32, 3, mask_box=(3, 17, 5, 30)),
         make_sample(data, "resized", 80, 80, 4, mask_box=(40, 70, 10, 30)),  # 80² > max_pixels: scaled to 64²
+        # written by hand without the prompt prefix: encoded as the builder's prompts are (prompts.edit_prompt)
+        make_sample(data, "raw_prompt", 32, 32, 5, mask_box=(4, 20, 8, 24), prompt="Make the box green."),
+        # an odd size whose 16-px rounding changes the aspect ratio (67x35 -> 64x32), with its own mask: the
+        # editor's mask rule (a mask of the source's own size is resized) holds in the cache too
+        make_sample(data, "odd_size", 67, 35, 6, mask_box=(5, 30, 10, 50)),
     ]
     dataset = write_dataset(data, entries)
     max_pixels = 64 * 64
@@ -116,13 +125,15 @@ def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
                                              "--max-pixels", max_pixels, "--batch-size", 3))
     assert rc == 0, out
     index = open_cache(tmp_path / "cache")
-    assert index.variant == "2511" and index.zero_cond_t is True and len(index) == 4
+    assert index.variant == "2511" and index.zero_cond_t is True and len(index) == len(entries)
     assert [e.id for e in index.entries] == [e["id"] for e in entries]
     editor = Editor(tiny_pipe, variant="2511")
     settings = EditSettings(max_pixels=max_pixels)
     for info, e in zip(index.entries, entries):
         s = index.load(index.entries.index(info))
-        req = EditRequest(image=Image.open(data / e["edit_image"][0]), prompt=e["prompt"],
+        # the instruction as a user types it in the app or on the command line: no prefix
+        typed = e["prompt"].removeprefix("Picture 1 is the image to modify. ")
+        req = EditRequest(image=Image.open(data / e["edit_image"][0]), prompt=typed,
                           mask=Image.open(data / e["back_mask"]) if "back_mask" in e else None,
                           references=[Image.open(data / p) for p in e["edit_image"][1:]])
         prep = editor.prepare(req, settings)
@@ -130,25 +141,26 @@ def test_entry_equals_editor_prepare(tiny_root, tiny_pipe, tmp_path, capsys):
         assert s.size == (h, w) == info.size
         assert info.num_edit == len(s.edit_latents) == len(prep.edit_latents)
         for got, want in zip(s.edit_latents, prep.edit_latents):
-            torch.testing.assert_close(got, want[0].float(), **LATENT_TOL)
-        torch.testing.assert_close(s.prompt_emb, prep.prompt_emb[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(s.nega_prompt_emb, prep.nega_emb[0], atol=1e-5, rtol=1e-5)
+            assert_close_scaled(got, want[0].float(), LATENT_REL)
+        assert_close_scaled(s.prompt_emb, prep.prompt_emb[0], FP32_REL)
+        assert_close_scaled(s.nega_prompt_emb, prep.nega_emb[0], FP32_REL)
         assert torch.equal(s.prompt_emb_mask, prep.prompt_mask[0].cpu().long())
         assert torch.equal(s.nega_prompt_emb_mask, prep.nega_mask[0].cpu().long())
         assert torch.equal(s.subyx, prep.subyx[0]) and s.subyx.dtype == torch.long
         torch.testing.assert_close(s.mask_latent, prep.mask_latent[0].cpu().float())
         # target at the source's size; ref_gt crop = target through the mask onto white; white sub start
         target = fit_image(to_rgb(Image.open(data / e["image"])), max_pixels)[0]
-        torch.testing.assert_close(s.input_latents, vae_encode(tiny_pipe, [target])[0][0], **LATENT_TOL)
+        assert_close_scaled(s.input_latents, vae_encode(tiny_pipe, [target])[0][0], LATENT_REL)
         white = Image.new("RGB", target.size, (255, 255, 255))
         pasted = target if prep.mask is None else Image.composite(target, white, prep.mask)
         crop = pasted.crop(prep.box.pil_box())
         assert info.sub_size == (prep.box.height, prep.box.width)
-        torch.testing.assert_close(s.sub_input_latents, vae_encode(tiny_pipe, [crop])[0][0], **LATENT_TOL)
-        torch.testing.assert_close(s.sub_noise, white_latents(tiny_pipe, prep.box.width, prep.box.height)[0],
-                                   atol=1e-5, rtol=1e-5)
-        assert s.metadata["prompt"] == e["prompt"] and s.metadata["edit_type"] == "recolor"
+        assert_close_scaled(s.sub_input_latents, vae_encode(tiny_pipe, [crop])[0][0], LATENT_REL)
+        assert_close_scaled(s.sub_noise, white_latents(tiny_pipe, prep.box.width, prep.box.height)[0], LATENT_REL)
+        assert s.metadata["prompt"] == edit_prompt(e["prompt"]) and s.metadata["edit_type"] == "recolor"
+        assert s.metadata["prompt"].startswith("Picture 1 is the image to modify. ")
     assert index.entries[3].size == (64, 64)  # resized
+    assert index.entries[5].size == (32, 64)  # 67x35 fitted to 64x32, its mask with it
     assert index.entries[1].sub_size == (64, 64)  # no mask: whole image
     rc, out = verify(tmp_path / "cache", capsys)
     assert rc == 0, out

@@ -202,10 +202,11 @@ def test_instruction_sources_and_precedence(tmp_path):
                      + json.dumps({"stem": "c", "edit_type": "Add"}) + "\n")
     s = build(tmp_path, instructions=table, instruction="global", prompt_template="Edit: {instruction}!")
     by_id = {r["id"]: r for r in s.records}
-    assert by_id["a"]["prompt"] == "Edit: from jsonl a!" and by_id["a"]["edit_type"] == "Recolor"
-    assert by_id["b"]["prompt"] == "Edit: from txt b!" and "edit_type" not in by_id["b"]
-    assert by_id["c"]["prompt"] == "Edit: global!" and by_id["c"]["edit_type"] == "Add"
-    assert by_id["d"]["prompt"] == "Edit: global!"
+    p = "Picture 1 is the image to modify. "  # prompts.edit_prompt's prefix around the template's wording
+    assert by_id["a"]["prompt"] == p + "Edit: from jsonl a!" and by_id["a"]["edit_type"] == "Recolor"
+    assert by_id["b"]["prompt"] == p + "Edit: from txt b!" and "edit_type" not in by_id["b"]
+    assert by_id["c"]["prompt"] == p + "Edit: global!" and by_id["c"]["edit_type"] == "Add"
+    assert by_id["d"]["prompt"] == p + "Edit: global!"
     csv_table = raw / "meta.csv"
     csv_table.write_text("stem,instruction,edit_type\nd,from csv d,Remove\n", encoding="utf-8")
     s2 = build(tmp_path, out="out2/ds.json", instructions=csv_table)

@@ -226,6 +226,45 @@ def test_evaluate(dataset, tiny_root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["mean"] == summary["mean"]
 
 
+def test_outputs_reused_only_with_the_same_settings_and_checkpoint(dataset, tiny_root, tiny_pipe, tmp_path):
+    """A re-run into the same --out redoes samples made with another seed/steps or another checkpoint file (even at
+    the same path) and says so; unchanged settings reuse them."""
+    import diffsynth_edit.editing.cli as edit_cli
+    from diffsynth_edit.app.testing import make_test_checkpoint
+
+    out = tmp_path / "eval"
+    base = ["--dataset", str(dataset), "--model-root", str(tiny_root), "--out", str(out), "--grid-rows", "0",
+            "--cfg", "1", "--device", "cpu", "--progress", "false", "--lpips", "false"]
+
+    def evaluate(*extra):
+        logs = []
+        cfg = edit_cli.parse_config(edit_cli.EvaluateConfig, [*base, *map(str, extra)])
+        assert edit_cli.run_evaluate(cfg, log=logs.append) == 0, logs
+        return logs, json.loads((out / "metrics.json").read_text())["mean"]["psnr"]
+
+    logs, psnr_a = evaluate("--seed", 1, "--steps", 2)
+    assert any("edited 2, reused 0" in m for m in logs)
+    logs, psnr_b = evaluate("--seed", 99, "--steps", 3)
+    assert any("edited 2, reused 0" in m for m in logs), logs
+    assert any("redoing 2 sample(s)" in m and "changed: seed, steps" in m for m in logs), logs
+    assert psnr_b != psnr_a
+    sidecar = json.loads((out / "images" / "s1.json").read_text())
+    assert sidecar["settings"]["seed"] == 99 and sidecar["settings"]["steps"] == 3 and len(sidecar["fingerprint"]) == 64
+    logs, psnr_c = evaluate("--seed", 99, "--steps", 3)
+    assert any("edited 0, reused 2" in m for m in logs) and psnr_c == psnr_b
+    # a checkpoint, then another checkpoint written to the same path
+    ckpt = tmp_path / "ckpt" / "step.safetensors"
+    make_test_checkpoint(tiny_pipe.dit, ckpt, seed=0)
+    logs, _ = evaluate("--seed", 99, "--steps", 3, "--checkpoint", ckpt)
+    assert any("edited 2, reused 0" in m for m in logs) and any("changed: checkpoint" in m for m in logs), logs
+    first = (out / "images" / "s1.png").read_bytes()
+    make_test_checkpoint(tiny_pipe.dit, ckpt, seed=1)
+    os.utime(ckpt, ns=(1, 1))  # another file, whatever the clock's resolution
+    logs, _ = evaluate("--seed", 99, "--steps", 3, "--checkpoint", ckpt)
+    assert any("edited 2, reused 0" in m for m in logs), logs
+    assert (out / "images" / "s1.png").read_bytes() != first
+
+
 def test_evaluate_reports_missing_target(dataset, tiny_root, tmp_path):
     import diffsynth_edit.editing.cli as edit_cli
 

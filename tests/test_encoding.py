@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from numerics import FP32_REL, assert_close_scaled
+
 
 def _images(n: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
@@ -28,7 +30,7 @@ def test_negative_shares_the_prompt_prefix(tiny_pipe, n_images):
     prefix = common_prefix_len(ids[0], ids[1]) - DROP_IDX
     assert 0 < prefix < nemb.shape[1] < emb.shape[1]
     assert nemb.shape[1] - prefix < 32  # only the closing template tokens are not shared
-    torch.testing.assert_close(nemb[:, :prefix], emb[:, :prefix], atol=1e-6, rtol=1e-6)
+    assert_close_scaled(nemb[:, :prefix], emb[:, :prefix], FP32_REL)
     assert not torch.allclose(nemb[:, prefix], emb[:, prefix])  # they do differ after it
 
 
@@ -42,7 +44,7 @@ def test_encode_prompts_equals_separate_calls(tiny_pipe, n_images):
     for p, (emb, mask) in zip(prompts, got):
         want, wmask = encode_prompt(tiny_pipe, p, images)
         assert emb.shape == want.shape and emb.dtype == want.dtype
-        torch.testing.assert_close(emb, want, atol=1e-5, rtol=1e-5)
+        assert_close_scaled(emb, want, FP32_REL)
         assert torch.equal(mask, wmask)
 
 
@@ -54,10 +56,10 @@ def test_encode_prompt_pair_equals_separate_calls(tiny_pipe, prompt, negative):
     pair = encode_prompt_pair(tiny_pipe, prompt, images, negative)
     emb, mask = encode_prompt(tiny_pipe, prompt, images)
     nemb, nmask = encode_prompt(tiny_pipe, negative, images)
-    torch.testing.assert_close(pair.emb, emb, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(pair.emb, emb, FP32_REL)
     assert torch.equal(pair.mask, mask)
     assert pair.nega_emb.shape == nemb.shape
-    torch.testing.assert_close(pair.nega_emb, nemb, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(pair.nega_emb, nemb, FP32_REL)
     assert torch.equal(pair.nega_mask, nmask)
     assert pair.nega_tail.shape[1] < 32 and pair.nega_prefix > 0
 
@@ -68,7 +70,7 @@ def test_vae_encode_uint8_equals_vae_encode(tiny_pipe):
     images = [_images(1)[0]] * 2
     want = torch.cat(vae_encode(tiny_pipe, images))
     got = vae_encode_uint8(tiny_pipe, [image_to_uint8(im) for im in images])
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert_close_scaled(got, want, FP32_REL)
 
 
 def test_encode_prompt_pairs_batches_samples_with_their_own_images(tiny_pipe):
@@ -84,13 +86,13 @@ def test_encode_prompt_pairs_batches_samples_with_their_own_images(tiny_pipe):
         emb, mask = encode_prompt(tiny_pipe, prompt, ims)
         nemb, nmask = encode_prompt(tiny_pipe, "", ims)
         assert pair.emb.shape == emb.shape and torch.equal(pair.mask, mask)
-        torch.testing.assert_close(pair.emb, emb, atol=1e-5, rtol=1e-5)
+        assert_close_scaled(pair.emb, emb, FP32_REL)
         assert pair.nega_prefix > 0 and pair.nega_tail.shape[1] < 32
         assert pair.nega_emb.shape == nemb.shape and torch.equal(pair.nega_mask, nmask)
-        torch.testing.assert_close(pair.nega_emb, nemb, atol=1e-5, rtol=1e-5)
+        assert_close_scaled(pair.nega_emb, nemb, FP32_REL)
     # the first sample alone gives the same result: batching does not leak other samples' images into its rows
     alone = encode_prompt_pairs(tiny_pipe, [prompt_inputs(tiny_pipe, [samples[0][0], ""], samples[0][1])])[0]
-    torch.testing.assert_close(alone.emb, pairs[0].emb, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(alone.emb, pairs[0].emb, FP32_REL)
 
 
 def test_text_encoder_runs_attention_without_cudnn(tiny_pipe, monkeypatch):

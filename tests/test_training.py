@@ -110,6 +110,13 @@ def test_checkpoint_metadata_and_logs(cache_dir, tiny_root, tmp_path):
     ckpt = read_checkpoint(path)
     assert ckpt.metadata["variant"] == "2511" and ckpt.metadata["zero_cond_t"] is True
     assert ckpt.metadata["step"] == 2 and ckpt.metadata["lora_rank"] == 4
+    # the DiT trains under the released model's activation by default, diffsynth's on request; recorded either way
+    from diffsynth_edit.activation import dit_activation
+
+    assert ckpt.metadata["dit_activation"] == "gelu-tanh" == dit_activation(trainer.unwrapped().dit)
+    approx, approx_path = run(make_cfg(cache_dir, tiny_root, tmp_path / "approx", dit_activation="sigmoid-1.702"))
+    assert dit_activation(approx.unwrapped().dit) == "sigmoid-1.702"
+    assert read_checkpoint(approx_path).metadata["dit_activation"] == "sigmoid-1.702"
     run_dir = tmp_path / "run"
     assert sorted(p.name for p in run_dir.glob("step-*.safetensors")) == ["step-000002.safetensors"]  # keep_last 1
     rows = (run_dir / "metrics.csv").read_text().splitlines()
@@ -164,6 +171,9 @@ def test_export_keys_map_one_to_one(cache_dir, tiny_root, tmp_path):
     lora_modules = {k.rsplit(".lora_A", 1)[0] for k in load_file(str(path)) if ".lora_A." in k}
     assert set(names) == lora_modules and len(sd) == 2 * len(lora_modules)
     assert all(n in modules for n in names)
+    from diffsynth_edit.checkpoint import read_metadata
+
+    assert read_metadata(out)["dit_activation"] == "gelu-tanh"  # the activation travels with the export
 
 
 def test_non_finite_loss_stops_without_checkpoint(cache_dir, tiny_root, tmp_path, monkeypatch):

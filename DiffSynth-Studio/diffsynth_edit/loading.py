@@ -37,6 +37,7 @@ class ModelSources:
     tokenizer_path: Path | None = None
     processor_path: Path | None = None
     allow_download: bool = False
+    dit_activation: str = "gelu-tanh"  # activation.REFERENCE; "sigmoid-1.702" = diffsynth 2.1.12's approximation
 
     @property
     def spec(self) -> ModelVariant:
@@ -206,6 +207,10 @@ def load_pipeline(src: ModelSources, components: Iterable[str] = COMPONENTS, dev
         pipe.processor = Qwen2VLProcessor.from_pretrained(processor_dir)
     pipe.vram_management_enabled = pipe.check_vram_management_state()
     exact_speedups(pipe)  # single-frame VAE convs as 2D, vision attention in one call (see speedups)
+    if pipe.dit is not None:  # the released model's tanh-GELU unless asked otherwise (see activation)
+        from .activation import set_dit_activation
+
+        set_dit_activation(pipe.dit, src.dit_activation)
     for name in ("text_encoder", "dit", "vae"):
         model = getattr(pipe, name)
         if model is not None:

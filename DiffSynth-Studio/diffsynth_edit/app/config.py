@@ -36,6 +36,9 @@ class AppConfig(ModelPathOptions):
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cuda, cuda:N or cpu"))
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata=_help(
         "auto: bf16 on cuda, fp32 on cpu"))
+    dit_activation: Literal["auto", "gelu-tanh", "sigmoid-1.702"] = field(default="auto", metadata=_help(
+        "DiT MLP activation: auto = each checkpoint's (its metadata; older workspace checkpoints: sigmoid-1.702, "
+        "other LoRAs: gelu-tanh), gelu-tanh (the released model's) without one; or force one"))
     # checkpoints
     checkpoint_root: list[Path] = field(default_factory=lambda: [Path("train")], metadata=_help(
         "folder searched for *.safetensors checkpoints; repeat the flag for several (default train/)"))

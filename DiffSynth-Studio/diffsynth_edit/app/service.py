@@ -95,7 +95,8 @@ def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[
     for n in notices:
         log(f"[app] {n}")
     log(f"[app] model: Qwen-Image-Edit-{sources.variant} on {device} ({str(dtype).replace('torch.', '')})")
-    editor = Editor(pipe, variant=sources.variant, hot_swap=True)
+    editor = Editor(pipe, variant=sources.variant, hot_swap=True, activation=cfg.dit_activation,
+                    log=lambda m: log(m.replace("[editor]", "[app]", 1)))
     if cfg.compile or cfg.fp8:
         editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
         log(f"[app] speed-ups: {', '.join(n for n, on in (('compiled blocks', cfg.compile), ('fp8', cfg.fp8)) if on)}")

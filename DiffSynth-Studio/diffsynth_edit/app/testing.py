@@ -52,7 +52,8 @@ def make_test_checkpoint(dit: torch.nn.Module, path: Path | str, step: int = 100
                          with_ste: bool = False, variant: str = "2511", scale: float = 0.5) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"step": step, "variant": variant, "rank": rank, "lora_alpha": rank, "zero_cond_t": variant == "2511"}
+    meta = {"step": step, "variant": variant, "rank": rank, "lora_alpha": rank, "zero_cond_t": variant == "2511",
+            "dit_activation": "gelu-tanh"}
     return write_checkpoint(path, lora_state_for(dit, rank, seed, scale), ste_state_for(dit, seed) if with_ste else None,
                             meta)
 

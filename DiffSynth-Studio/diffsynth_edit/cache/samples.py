@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..geometry import Box, mask_bbox
+from ..prompts import edit_prompt
 from .config import CacheConfig, CacheRunError
 from .manifest import SAMPLE_SUFFIX, SAMPLES_DIR
 from .store import EDIT_PREFIX
@@ -65,7 +66,7 @@ def load_items(cfg: CacheConfig) -> list[_Item]:
         seen.add(sid)
         if not e.edit_image:
             raise CacheRunError(f"dataset {cfg.dataset}: sample {sid} has no edit_image (the source image)")
-        items.append(_Item(index=index, id=sid, prompt=str(e.prompt), edit_type=getattr(e, "edit_type", None),
+        items.append(_Item(index=index, id=sid, prompt=edit_prompt(str(e.prompt)), edit_type=getattr(e, "edit_type", None),
                            image=Path(e.image), edit_image=[Path(p) for p in e.edit_image],
                            back_mask=None if getattr(e, "back_mask", None) is None else Path(e.back_mask),
                            ref_gt_crop=None if getattr(e, "ref_gt_crop", None) is None else Path(e.ref_gt_crop)))
@@ -153,7 +154,7 @@ def _prepare_images(item: _Item, max_pixels: int) -> _Prepared:
         mask = None
         if item.back_mask is not None:
             try:
-                mask, _ = prepare_mask(_open(item.back_mask, "back_mask"), size)
+                mask, _ = prepare_mask(_open(item.back_mask, "back_mask"), size, src_raw.size)  # the editor's rule
             except EditInputError as e:
                 raise SampleError(f"back_mask {item.back_mask}: {e}") from None
         w, h = size

@@ -31,7 +31,8 @@ class BuildConfig:
         "CSV or JSONL with `stem`, `instruction` (optional) and `edit_type` (optional)"))
     instruction: str | None = field(default=None, metadata=_h("one instruction for every sample without its own"))
     prompt_template: str = field(default=DEFAULT_PROMPT_TEMPLATE, metadata=_h(
-        "prompt template; {instruction} is replaced (default 'Picture 1 is the image to modify. {instruction}')"))
+        "prompt template; {instruction} is replaced (default 'Picture 1 is the image to modify. {instruction}'); "
+        "the result always starts with that prefix (prompts.edit_prompt, the rule the editor and app apply too)"))
     max_pixels: int = field(default=1024 * 1024, metadata=_h("resize to at most this many pixels (1048576)"))
     diff_threshold: int = field(default=24, metadata=_h(
         "derived masks: per-pixel max abs RGB difference (0-255) above which a pixel is edited (24)"))

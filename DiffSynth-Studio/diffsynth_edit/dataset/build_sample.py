@@ -16,6 +16,7 @@ from PIL import Image, ImageChops
 
 from ..atomic import atomic_write_bytes
 from ..geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
+from ..prompts import edit_prompt
 from ..image_io import (FORMAT_EXTENSION, WHITE, DecodedImage, ImageDecodeError, atomic_save_image, decode_image,
                         to_mask, to_rgb)
 from .build_config import BuildSettings
@@ -204,7 +205,7 @@ def _write_outputs(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes], p
     crop_rel = out.put("ref_gt_crop", spec.id, ref_gt.crop(box.pil_box()))
 
     record: dict[str, Any] = {
-        "prompt": st.prompt_template.replace("{instruction}", spec.instruction),
+        "prompt": edit_prompt(st.prompt_template.replace("{instruction}", spec.instruction)),
         "image": image_rel,
         "edit_image": [edit0] + edit_rest,
         "back_mask": mask_rel,

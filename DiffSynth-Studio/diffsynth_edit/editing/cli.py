@@ -7,8 +7,9 @@
 
 Each command is one dataclass (`--preset FILE.toml` plus one `--kebab-case` flag per field, the CLI wins).
 Outputs are `<out>/<id>.png` (the edited image), `<out>/<id>_sub.png` (the sub stream, bridge mode only) and
-`<out>/<id>.json` (settings and input notices), each written atomically; a re-run skips samples whose outputs
-exist (use `--overwrite` to redo them). docs/editing.md has the details.
+`<out>/<id>.json` (settings, input notices and a settings fingerprint), each written atomically; a re-run reuses a
+sample only when its outputs exist and were made with the same settings, checkpoint and inputs (see `reuse`), and
+redoes the others (`--overwrite` redoes all). docs/editing.md has the details.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ class ModelOptions(ModelPathOptions):
     fp8: bool = field(default=False, metadata=_h("fp8 matmuls in the DiT blocks (CUDA, Ada/Hopper; approximate)"))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto", metadata=_h("auto = bfloat16 on GPU, float32 on CPU"))
+    dit_activation: Literal["auto", "gelu-tanh", "sigmoid-1.702"] = field(default="auto", metadata=_h(
+        "DiT MLP activation: auto = the checkpoint's (its metadata; older workspace checkpoints: sigmoid-1.702, "
+        "other LoRAs: gelu-tanh), without a checkpoint gelu-tanh (the released model's); or force one"))
 
 
 @dataclass
@@ -237,7 +241,7 @@ def build_editor(cfg: ModelOptions):
     if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
         raise SystemExit(f"--compile and --fp8 need a CUDA device (--device); this run is on {device}")
     pipe = load_pipeline(sources_from(cfg), device=device, torch_dtype=dtype)
-    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode)
+    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode, activation=cfg.dit_activation)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
     if cfg.lora:
@@ -274,9 +278,19 @@ class Job:
     def outputs(self, out_dir: Path) -> tuple[Path, Path, Path]:
         return out_dir / f"{self.name}.png", out_dir / f"{self.name}_sub.png", out_dir / f"{self.name}.json"
 
-    def done(self, out_dir: Path, with_sub: bool) -> bool:
-        image, sub, _ = self.outputs(out_dir)
-        return image.is_file() and (sub.is_file() or not with_sub)
+    def done(self, out_dir: Path, with_sub: bool, fingerprint: str | None = None) -> bool:
+        """Outputs exist (and, given a fingerprint, were made with the same settings: see `reuse`)."""
+        from .reuse import recorded_fingerprint
+
+        image, sub, info = self.outputs(out_dir)
+        exists = image.is_file() and (sub.is_file() or not with_sub)
+        return exists and (fingerprint is None or recorded_fingerprint(info) == fingerprint)
+
+    def fingerprint(self, settings: dict[str, Any]) -> str:
+        from .reuse import sample_fingerprint
+
+        return sample_fingerprint(settings, self.prompt, [("source", self.source), ("mask", self.mask)]
+                                  + [(f"reference {i + 1}", p) for i, p in enumerate(self.references)])
 
 
 def jobs_from_dataset(path: Path, base_path: Path | None = None, limit: int | None = None) -> list[Job]:
@@ -310,7 +324,8 @@ def open_image(path: Path, what: str):
         raise ValueError(f"{what} {path} cannot be decoded: {e}") from None
 
 
-def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = "") -> dict[str, Any]:
+def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = "",
+            fingerprint: str | None = None) -> dict[str, Any]:
     """Edit one job and write its outputs atomically (sub image and sidecar first, the main image last, so an
     existing main image means a complete sample)."""
     from ..atomic import atomic_write_json
@@ -328,7 +343,7 @@ def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = ""
         save_png(result.sub_image, sub_path)
     info = {"id": job.ident or job.name, "index": job.index, "prompt": job.prompt, "source": str(job.source),
             "mask": None if job.mask is None else str(job.mask), "notices": result.notices,
-            "seconds": round(time.perf_counter() - t0, 3), "settings": result.settings}
+            "seconds": round(time.perf_counter() - t0, 3), "settings": result.settings, "fingerprint": fingerprint}
     atomic_write_json(info_path, info)
     save_png(result.image, image_path)
     return info
@@ -337,24 +352,34 @@ def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = ""
 def edit_jobs(cfg, jobs: list[Job], out_dir: Path, editor=None, log=print) -> tuple[int, int, list[tuple[Job, str]]]:
     """(edited, skipped, failures). Loads the model only when some job is pending."""
     from .editor import EditInputError
+    from .reuse import changed_settings, run_settings, write_settings
 
     settings = settings_from(cfg)
     with_sub = expects_sub_image(cfg)
-    pending = [j for j in jobs if cfg.overwrite or not j.done(out_dir, with_sub)]
+    run = run_settings(cfg)
+    fingerprints = {j.name: j.fingerprint(run) for j in jobs}
+    pending = [j for j in jobs if cfg.overwrite or not j.done(out_dir, with_sub, fingerprints[j.name])]
     skipped = len(jobs) - len(pending)
     if skipped:
-        log(f"skipping {skipped} sample(s) whose outputs exist in {out_dir} (--overwrite to redo)")
+        log(f"skipping {skipped} sample(s) whose outputs exist in {out_dir} with the same settings "
+            f"(--overwrite to redo)")
+    stale = [j for j in pending if not cfg.overwrite and j.done(out_dir, with_sub)]
+    if stale:
+        changed = changed_settings(out_dir, run)
+        log(f"redoing {len(stale)} sample(s) in {out_dir} made with other settings or inputs"
+            + (f" (changed: {', '.join(changed)})" if changed else ""))
     failures: list[tuple[Job, str]] = []
     if not pending:
         return 0, skipped, failures
     if editor is None:
         editor = build_editor(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_settings(out_dir, run)
     bar = _progress(pending, cfg.progress, desc="edit")
     edited = 0
     for job in bar:
         try:
-            info = run_job(editor, job, settings, out_dir, cfg.negative_prompt)
+            info = run_job(editor, job, settings, out_dir, cfg.negative_prompt, fingerprints[job.name])
         except (EditInputError, ValueError) as e:
             failures.append((job, str(e)))
             log(f"error: sample {job.ident or job.name}: {e}")

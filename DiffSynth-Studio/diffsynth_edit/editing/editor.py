@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..activation import ActivationChoice, checkpoint_activation, dit_activation, set_dit_activation
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..checkpoint import Checkpoint, CheckpointError, check_against_model, read_checkpoint
 from ..image_io import to_mask
@@ -27,6 +28,7 @@ from ..encoding import encode_prompt, encode_prompt_pair, pad_prompts, vae_decod
 from ..geometry import Box, binarize_mask, fit_size, mask_bbox
 from ..loading import ModelSources, load_pipeline
 from ..lora_stack import LoRALayer, LoRAStack
+from ..prompts import edit_prompt
 from ..speedups import quantize_dit_fp8
 from ..ste import STE
 from ..variants import get_variant
@@ -162,7 +164,10 @@ class Editor:
     """Holds one loaded pipeline; edits with or without a trained checkpoint (LoRA + STE)."""
 
     def __init__(self, pipe, variant: str = "2511", ste: STE | None = None, hot_swap: bool = False,
-                 mode: Literal["auto", "bridge", "plain"] = "auto"):
+                 mode: Literal["auto", "bridge", "plain"] = "auto", activation: ActivationChoice = "auto",
+                 log: Callable[[str], None] = print):
+        """`activation`: the DiT MLP's activation (see `activation`); "auto" keeps the loaded model's (the reference
+        tanh-GELU from `load_pipeline`) and, with a checkpoint, runs the one the checkpoint was trained with."""
         self.pipe = pipe
         self.variant = get_variant(variant).name
         self.zero_cond_t = get_variant(variant).zero_cond_t
@@ -179,6 +184,11 @@ class Editor:
             pipe.dit = pipe.enable_lora_hot_loading(pipe.dit)
             pipe.clear_lora(verbose=0)  # a new editor starts from the base model, whatever an earlier one hot-loaded
         self.loras = LoRAStack(lambda: self.pipe.dit, mode="hot" if hot_swap else "merge")
+        self.log = log
+        self.activation_choice = activation
+        self._base_activation = dit_activation(pipe.dit) if activation == "auto" else activation
+        if activation != "auto":
+            set_dit_activation(pipe.dit, activation)
 
     @classmethod
     def from_sources(cls, sources: ModelSources, device: str = "cpu", torch_dtype: torch.dtype = torch.bfloat16,
@@ -208,6 +218,7 @@ class Editor:
         layer = LoRALayer("checkpoint", ckpt.lora, strength, path=ckpt.path) if ckpt.lora.modules else None
         self.loras.set_layers(([layer] if layer else []) + self.extra_loras)  # refuses (changing nothing) when fused
         self._checkpoint_layer = layer
+        self._apply_checkpoint_activation(ckpt)
         self.ste = None
         if ckpt.ste:
             ste = self.ste_template()
@@ -226,6 +237,23 @@ class Editor:
             self._checkpoint_layer = None
         self.ste = None
         self.checkpoint = None
+        if self._base_activation is not None:
+            set_dit_activation(self.pipe.dit, self._base_activation)
+
+    @property
+    def activation(self) -> str | None:
+        """The activation the DiT computes now."""
+        return dit_activation(self.pipe.dit)
+
+    def _apply_checkpoint_activation(self, ckpt: Checkpoint) -> None:
+        trained, note = checkpoint_activation(ckpt.metadata, str(ckpt.path or "checkpoint"), ckpt.has_ste)
+        if self.activation_choice == "auto":
+            if note:
+                self.log(f"[editor] {note}")
+            set_dit_activation(self.pipe.dit, trained)
+        elif trained != self.activation_choice:
+            self.log(f"[editor] {ckpt.path or 'checkpoint'} was trained with the {trained} activation; running it "
+                     f"with {self.activation_choice} as configured (dit_activation)")
 
     def set_extra_loras(self, layers: Sequence[LoRALayer]) -> None:
         """Stack third-party LoRAs (`lora_formats.lora_layer`) on the checkpoint's LoRA, in this order, each with its
@@ -241,6 +269,7 @@ class Editor:
             raise EditInputError("no input image given")
         if not isinstance(request.prompt, str):
             raise EditInputError("prompt must be a string")
+        prompt = edit_prompt(request.prompt)  # the training prompt's form (prompts.edit_prompt)
         notices: list[str] = []
         original = to_rgb(request.image, "image")
         source, note = fit_image(original, settings.max_pixels)
@@ -261,10 +290,10 @@ class Editor:
         with torch.cuda.stream(side) if side is not None else nullcontext():
             edit_latents = vae_encode(self.pipe, images)
         if settings.cfg_scale != 1.0:  # one text-encoder pass + the negative's tail tokens on its KV cache
-            pair = encode_prompt_pair(self.pipe, request.prompt, images, request.negative_prompt or "")
+            pair = encode_prompt_pair(self.pipe, prompt, images, request.negative_prompt or "")
             prompt_emb, prompt_mask, nega_emb, nega_mask = pair.emb, pair.mask, pair.nega_emb, pair.nega_mask
         else:  # the negative is unused without guidance
-            prompt_emb, prompt_mask = encode_prompt(self.pipe, request.prompt, images)
+            prompt_emb, prompt_mask = encode_prompt(self.pipe, prompt, images)
             nega_emb, nega_mask = prompt_emb, prompt_mask
         if side is not None:  # later work on the main stream waits for the latents; the allocator learns it uses them
             main = torch.cuda.current_stream(side.device)
@@ -394,6 +423,7 @@ class Editor:
         sub_image = vae_decode(self.pipe, x_sub)[0] if x_sub is not None else None
         info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
                                    "zero_cond_t": self.zero_cond_t, "size": list(prep.size), "fp8": self.fp8,
+                                   "dit_activation": self.activation,
                                    "box": list(prep.box.to_subyx()),
                                    "checkpoint": str(self.checkpoint.path) if self.checkpoint else None,
                                    "extra_loras": [layer.info() for layer in self.extra_loras]}

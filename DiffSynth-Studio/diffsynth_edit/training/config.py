@@ -21,6 +21,9 @@ class TrainConfig:
     dit_path: Path | None = None
     vae_path: Path | None = None
     allow_download: bool = False
+    dit_activation: Literal["gelu-tanh", "sigmoid-1.702"] = field(default="gelu-tanh", metadata={
+        "help": "DiT MLP activation: gelu-tanh = the released models' (diffusers, ComfyUI); sigmoid-1.702 = diffsynth "
+                "2.1.12's approximation, to continue checkpoints trained with it. Recorded in checkpoint metadata"})
     # LoRA
     lora_rank: int = 32
     lora_alpha: float | None = field(default=None, metadata={"help": "default: = rank (scale 1)"})

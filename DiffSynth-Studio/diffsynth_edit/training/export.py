@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..activation import checkpoint_activation
 from ..checkpoint import read_checkpoint, write_checkpoint
 
 
@@ -33,5 +34,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, fmt: str = "comfyui") ->
     sd = export_state_dict(ckpt, fmt)
     meta = {k: v for k, v in ckpt.metadata.items() if k in ("variant", "zero_cond_t", "lora_rank", "lora_targets",
                                                            "step", "workspace")}
+    # the activation it was trained with travels along (resolved for checkpoints from before the field)
+    meta["dit_activation"] = checkpoint_activation(ckpt.metadata, str(src), ckpt.has_ste)[0]
     meta.update({"alpha_folded": True, "export_format": fmt})
     return write_checkpoint(dst, sd, None, meta), len(sd)

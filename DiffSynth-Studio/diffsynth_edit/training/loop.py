@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..activation import checkpoint_activation
 from ..atomic import atomic_write_json, kill_point
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..cache.store import open_cache
@@ -233,7 +234,8 @@ class Trainer:
         # stores the partitions in bf16 while the placeholders report fp32; asking for bf16 keeps them consistent.
         dtype = torch.bfloat16 if self.device.type == "cuda" or self.zero3 else torch.float32
         sources = ModelSources(variant=self.variant.name, model_root=cfg.model_root, dit_path=cfg.dit_path,
-                               vae_path=cfg.vae_path, allow_download=cfg.allow_download)
+                               vae_path=cfg.vae_path, allow_download=cfg.allow_download,
+                               dit_activation=cfg.dit_activation)
         need_vae = bool(cfg.validate_every) or cfg.pixel_loss_weight > 0
         components = ("dit", "vae") if need_vae else ("dit",)
         self.pipe = load_pipeline(sources, components=components, device=str(self.device), torch_dtype=dtype)
@@ -252,8 +254,12 @@ class Trainer:
             if cfg.train_ste:
                 params += list(self.ste.parameters())
         if cfg.init_from is not None:
-            info = load_into_training(read_checkpoint(cfg.init_from), dit, self.ste, cfg.lora_rank, alpha,
-                                      self.variant.name)
+            init = read_checkpoint(cfg.init_from)
+            info = load_into_training(init, dit, self.ste, cfg.lora_rank, alpha, self.variant.name)
+            trained, note = checkpoint_activation(init.metadata, str(cfg.init_from), init.has_ste)
+            if note or trained != cfg.dit_activation:
+                self._print(f"[train] {note or f'{cfg.init_from} was trained with the {trained} activation'}; this "
+                            f"run trains with {cfg.dit_activation} (dit_activation)")
             self._print(f"[train] warm start from {cfg.init_from}: {info}")
         self.n_trainable = sum(p.numel() for p in params)
         if cfg.compile_blocks:
@@ -320,6 +326,7 @@ class Trainer:
         cfg = self.cfg
         return {"format": "qwen-edit-workspace/1", "variant": self.variant.name, "zero_cond_t": self.zero_cond_t,
                 "mode": cfg.mode, "objective": cfg.objective, "lora_rank": cfg.lora_rank,
+                "dit_activation": cfg.dit_activation,
                 "lora_alpha": float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
                 "alpha_folded": False, "lora_targets": cfg.lora_targets or list(self.variant.lora_targets),
                 "step": self.step, "optimizer": cfg.optimizer, "weights": "eval" if self.schedule_free else "train",
