@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_save_safetensors
 
 STE_PREFIX = "pipe.ste."
 LORA_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "pipe.dit.", "model.diffusion_model.")
@@ -167,8 +166,7 @@ def write_checkpoint(path: Path | str, lora_state: dict[str, torch.Tensor], ste_
     for k, v in (ste_state or {}).items():
         tensors[STE_PREFIX + k] = v.detach().to("cpu").contiguous()
     meta = {k: json.dumps(v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    atomic_save_safetensors(path, tensors, metadata=meta)
     return path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_write_json, kill_point
+from ..atomic import atomic_save_safetensors, atomic_write_json, kill_point
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..cache.store import open_cache
 from ..checkpoint import read_checkpoint, write_checkpoint
@@ -27,6 +27,7 @@ from .data import BatchStream, collate, sample_generator
 from .logger import RunLogger
 from .lora import inject_lora, load_into_training, lora_state_dict
 from .losses import combine_losses, lbm_predicted_target, make_lbm_inputs, make_sft_inputs, per_sample_mse
+from .state_io import load_state, load_torch_state, restore_optimizer_state, save_state
 
 KILL_ENV = "DIFFSYNTH_EDIT_TRAIN_TEST_KILL"  # crash tests: "step:<n>" or "state-swap:<n>" (atomic.kill_point)
 
@@ -365,16 +366,14 @@ class Trainer:
         if not self.main:
             self.accelerator.wait_for_everyone()
             return
-        from safetensors.torch import save_file
-
         tmp.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous() for k, v in lora.items()}
         tensors.update({"ste." + k: v.cpu().contiguous() for k, v in ste.items()})
-        save_file(tensors, str(tmp / "trainable.safetensors"))
+        atomic_save_safetensors(tmp / "trainable.safetensors", tensors)
         blob = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
         if self.zero_stage == 0:
             blob["optimizer"] = _base_optimizer(self.optimizer).state_dict()
-        torch.save(blob, tmp / "optimizer.pt")
+        save_state(tmp / "optimizer", blob)  # safetensors + JSON: loads without pickle, every dtype kept
         atomic_write_json(tmp / "trainer.json", {"step": self.step, "data": self.stream.state_dict(),
                                                  "config": config_to_dict(self.cfg),
                                                  "deepspeed": self._deepspeed_layout()})
@@ -435,7 +434,9 @@ class Trainer:
                 if m.ste is not None:
                     m.ste.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ste.")},
                                           strict=True)
-        blob = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=False)
+        # optimizer.pt: states written before optimizer.safetensors/.json, read with weights_only=True.
+        blob = (load_state(state / "optimizer") if (state / "optimizer.json").is_file()
+                else load_torch_state(state / "optimizer.pt"))
         if self.zero_stage >= 1:
             # The ZeRO optimizer restores this rank's fp32 master partition (ZeRO-3: and the module's partitions from
             # it) and the client optimizer's state; ZeRO-1/2 then refresh the module weights from the masters.
@@ -444,13 +445,13 @@ class Trainer:
                 raise TrainingError(f"resume state {state} has no {zero_file.name}; it was not written by this "
                                     f"DeepSpeed layout")
             states = [None] * self.accelerator.num_processes
-            states[self.accelerator.process_index] = torch.load(zero_file, map_location="cpu", weights_only=False)
+            states[self.accelerator.process_index] = load_torch_state(zero_file, allow_deepspeed=True)
             zero_opt = self._zero_optimizer()
             zero_opt.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
             if hasattr(zero_opt, "update_lp_params"):
                 zero_opt.update_lp_params()
         else:
-            _base_optimizer(self.optimizer).load_state_dict(blob["optimizer"])
+            restore_optimizer_state(_base_optimizer(self.optimizer), blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         self.step = int(info["step"])
@@ -590,6 +591,16 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> Path | None:
-    trainer = Trainer(cfg)
-    trainer.build()
-    return trainer.fit()
+    from .faults import output_write_error
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.build()
+        return trainer.fit()
+    except Exception as e:
+        problem = output_write_error(e, cfg.run_dir, trainer.step if trainer is not None and hasattr(trainer, "step")
+                                     else 0)
+        if problem is None:
+            raise
+        raise TrainingError(problem) from None
