@@ -65,10 +65,14 @@ class AppConfig(ModelPathOptions):
             raise ConfigError("give at least one `checkpoint-root`")
         if self.max_upload_pixels < 64 * 64:
             raise ConfigError("`max-upload-pixels` must be at least 4096")
+        if self.max_file_mb < 1:
+            raise ConfigError(f"`max-file-mb` must be at least 1, got {self.max_file_mb}")
         if self.max_pixels < 256:
             raise ConfigError("`max-pixels` must be at least 256")
-        if not 1 <= self.lbm_steps <= 4:
-            raise ConfigError("`lbm-steps` must be in 1..4")
+        from ..limits import LBM_MAX_STEPS
+
+        if not 1 <= self.lbm_steps <= LBM_MAX_STEPS:
+            raise ConfigError(f"`lbm-steps` must be in 1..{LBM_MAX_STEPS}")
         if not 1 <= self.steps <= self.max_steps:
             raise ConfigError(f"`steps` must be in 1..{self.max_steps}")
 

@@ -21,7 +21,7 @@ from ..checkpoint import read_checkpoint, write_checkpoint
 from ..config import config_to_dict
 from ..loading import ModelSources, load_pipeline
 from ..ste import STE
-from ..variants import check_same_variant, get_variant
+from ..variants import VariantMismatchError, get_variant
 from .config import TrainConfig
 from .data import BatchStream, collate, sample_generator
 from .logger import RunLogger
@@ -185,6 +185,8 @@ class Trainer:
         from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 
         self.cfg = cfg
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainingError(f"--device {cfg.device}: torch sees no CUDA device here (use --device cpu or auto)")
         use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
         if use_deepspeed and not torch.cuda.is_available():
             PartialState(backend="gloo")  # accelerate leaves the backend unset for DeepSpeed on CPU
@@ -206,7 +208,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.cache = open_cache(cfg.cache_dir)
         self.variant = get_variant(self.cache.variant)
-        check_same_variant(self.cache.variant, cfg.variant, "this run's --variant (the cache)")
+        if cfg.variant is not None and str(cfg.variant) != str(self.cache.variant):
+            raise VariantMismatchError(f"--variant {cfg.variant} does not fit the cache {cfg.cache_dir}, which was "
+                                       f"made for Qwen-Image-Edit-{self.cache.variant}; give --variant "
+                                       f"{self.cache.variant} or a cache made for {cfg.variant}")
         self.zero_cond_t = self.variant.zero_cond_t  # from the manifest's variant, never from a flag
         if self.cache.zero_cond_t != self.zero_cond_t:
             raise TrainingError(f"cache {cfg.cache_dir} says zero_cond_t={self.cache.zero_cond_t} for variant "
