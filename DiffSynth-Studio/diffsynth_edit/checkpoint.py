@@ -141,6 +141,18 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
         return {}
 
 
+def looks_loadable(path: Path | str) -> bool:
+    """Whether the file's safetensors header names only LoRA/STE keys (what `read_checkpoint` accepts); nothing but
+    the header is read. A run's resume state (`state/trainable.safetensors`, `state/optimizer.safetensors`) is not."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # damaged or not a safetensors file
+        return False
+    return bool(keys) and all(k.startswith(STE_PREFIX) or _LORA_RE.match(_strip_prefix(k)) or
+                              _ALPHA_RE.match(_strip_prefix(k)) for k in keys)
+
+
 def read_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if path.suffix != ".safetensors":

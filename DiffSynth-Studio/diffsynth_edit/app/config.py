@@ -24,6 +24,8 @@ class AppConfig(ModelPathOptions):
     host: str | None = field(default=None, metadata=_help(
         "interface to bind (default 127.0.0.1: this machine only; give 0.0.0.0 to serve the network)"))
     port: int = field(default=DEFAULT_PORT, metadata=_help("port (default 7999)"))
+    auth_file: Path | None = field(default=None, metadata=_help(
+        "login for the page and API: a file of `user:password` lines (or set QWEN_EDIT_APP_AUTH=user:password)"))
     share: bool = field(default=False, metadata=_help("open a public gradio.live link (needs the internet)"))
     # model
     tiny: bool = field(default=False, metadata=_help("run on the tiny random model (demo and tests)"))
