@@ -96,3 +96,23 @@ def kill_point(env: str, stage: str, count: int) -> None:
         want, _, n = spec.partition(":")
         if want == stage and int(n) == count:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_save_safetensors(final: Path | str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file` through `atomic_path`; a failed write (full disk, read-only folder) is an OSError
+    naming `final` (safetensors reports it as its own error type without the file)."""
+    import errno
+    import re
+
+    from safetensors.torch import save_file
+
+    final = Path(final)
+    with atomic_path(final) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:
+            if isinstance(e, OSError) or type(e).__name__ != "SafetensorError":
+                raise
+            m = re.search(r"os error (\d+)|code: (\d+)", str(e))
+            code = int(m.group(1) or m.group(2)) if m else errno.EIO
+            raise OSError(code, os.strerror(code), str(final)) from None

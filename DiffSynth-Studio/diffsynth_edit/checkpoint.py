@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_save_safetensors
 
 STE_PREFIX = "pipe.ste."
 LORA_PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "pipe.dit.", "model.diffusion_model.")
@@ -142,6 +141,18 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
         return {}
 
 
+def looks_loadable(path: Path | str) -> bool:
+    """Whether the file's safetensors header names only LoRA/STE keys (what `read_checkpoint` accepts); nothing but
+    the header is read. A run's resume state (`state/trainable.safetensors`, `state/optimizer.safetensors`) is not."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # damaged or not a safetensors file
+        return False
+    return bool(keys) and all(k.startswith(STE_PREFIX) or _LORA_RE.match(_strip_prefix(k)) or
+                              _ALPHA_RE.match(_strip_prefix(k)) for k in keys)
+
+
 def read_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -167,8 +178,7 @@ def write_checkpoint(path: Path | str, lora_state: dict[str, torch.Tensor], ste_
     for k, v in (ste_state or {}).items():
         tensors[STE_PREFIX + k] = v.detach().to("cpu").contiguous()
     meta = {k: json.dumps(v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    atomic_save_safetensors(path, tensors, metadata=meta)
     return path
 
 

@@ -101,6 +101,11 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+# The preset tables of every command (a preset may hold several; each command reads its own).
+PRESET_SECTIONS = frozenset({"train", "cache", "app", "edit", "evaluate", "tiny_model", "build", "validate",
+                             "sample_data"})
+
+
 def load_preset(path: Path | str | None, section: str | None = None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -108,9 +113,18 @@ def load_preset(path: Path | str | None, section: str | None = None) -> dict[str
     if not path.is_file():
         raise ConfigError(f"preset {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"preset {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"preset {path} cannot be read ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"preset {path} is not valid TOML: {e}") from None
+    stray = [k for k, v in data.items() if isinstance(v, dict) and k != section and k not in PRESET_SECTIONS]
+    if stray:
+        reads = f"top-level keys and [{section}]" if section else "top-level keys"
+        raise ConfigError(f"preset {path}: unknown table [{stray[0]}] (this command reads {reads}; tables of the "
+                          f"other commands are {', '.join(f'[{s}]' for s in sorted(PRESET_SECTIONS))})")
     if section is not None and section in data and isinstance(data[section], dict):
         merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
         merged.update(data[section])

@@ -93,9 +93,18 @@ def register_tiny_models(model_root: Path | str) -> bool:
         return False
     from diffsynth.configs import MODEL_CONFIGS, VERSION_CHECKER_MAPS, VRAM_MANAGEMENT_MODULE_MAPS
 
-    from .tiny import REAL_CLASSES
+    from .tiny import REAL_CLASSES, TINY_CLASSES
 
-    registry = json.loads(marker.read_text())["models"]
+    try:
+        registry = json.loads(marker.read_text(encoding="utf-8"))["models"]
+        entries = [(name, str(entry["hash"]), entry["class"]) for name, entry in registry.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MissingWeightsError(f"{marker}: not a tiny-model registry ({type(e).__name__}: {e})") from None
+    for name, _, cls in entries:
+        # diffsynth imports and calls the class the file names: only the workspace's own tiny classes are taken.
+        if TINY_CLASSES.get(name) != cls:
+            raise MissingWeightsError(f"{marker}: entry {name!r} names class {cls!r}; only the workspace's tiny "
+                                      f"classes ({', '.join(sorted(TINY_CLASSES.values()))}) are accepted")
     known = {c["model_hash"] for c in MODEL_CONFIGS}
     for name, entry in registry.items():
         if entry["hash"] in known:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 
@@ -16,6 +17,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import parse_app_config
 
     cfg = parse_app_config(argv, prog="app_gradio.py")
+    from ..config import ConfigError
+    from .auth import exposure_warning, load_auth
+
+    try:
+        auth = load_auth(cfg.auth_file)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    warning = exposure_warning(cfg.bind_host, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     from ..loading import MissingWeightsError
     from .service import EditService
 
@@ -31,5 +43,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[app] serving on http://{cfg.bind_host}:{cfg.port} (checkpoint roots: "
           f"{', '.join(str(r) for r in service.roots)})", flush=True)
     launch(demo, host=cfg.bind_host, port=cfg.port, share=cfg.share, max_file_mb=cfg.max_file_mb,
-           queue_size=cfg.queue_size)
+           queue_size=cfg.queue_size, auth=auth)
     return 0

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..checkpoint import read_metadata
+from ..checkpoint import looks_loadable, read_metadata
 from .errors import AppInputError
 
 _STEP_RE = re.compile(r"(?:step|checkpoint|epoch)[-_]?(\d+)", re.IGNORECASE)
 MAX_LISTED = 2000
+MAX_NAME_CHARS = 1024  # longer checkpoint names are refused by name (the OS refuses them anyway)
 
 
 class CheckpointAccessError(AppInputError):
@@ -88,6 +89,8 @@ def list_checkpoints(roots: Sequence[Path | str]) -> list[CheckpointEntry]:
                 rel = p.relative_to(root).as_posix()
                 if rel in seen_ids:  # the same name under an earlier root wins (as in resolution)
                     continue
+                if not looks_loadable(real):  # e.g. a run's resume state: listed, it would only fail to load
+                    continue
                 seen_ids.add(rel)
                 meta = read_metadata(real)
                 st = real.stat()
@@ -114,6 +117,9 @@ def resolve_checkpoint(name: str | os.PathLike | None, roots: Sequence[Path | st
         return None
     if "\x00" in text:
         raise CheckpointAccessError("checkpoint name contains a NUL byte")
+    if len(text) > MAX_NAME_CHARS or any(len(part.encode("utf-8", "replace")) > 255 for part in Path(text).parts):
+        raise CheckpointAccessError(f"refused a checkpoint name of {len(text)} characters: names are at most "
+                                    f"{MAX_NAME_CHARS} characters and 255 bytes per folder or file name")
     resolved_roots = resolve_roots(roots)
     if not resolved_roots:
         raise CheckpointAccessError("no checkpoint roots are configured")

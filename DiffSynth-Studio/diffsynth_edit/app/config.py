@@ -24,6 +24,8 @@ class AppConfig(ModelPathOptions):
     host: str | None = field(default=None, metadata=_help(
         "interface to bind (default 127.0.0.1: this machine only; give 0.0.0.0 to serve the network)"))
     port: int = field(default=DEFAULT_PORT, metadata=_help("port (default 7999)"))
+    auth_file: Path | None = field(default=None, metadata=_help(
+        "login for the page and API: a file of `user:password` lines (or set QWEN_EDIT_APP_AUTH=user:password)"))
     share: bool = field(default=False, metadata=_help("open a public gradio.live link (needs the internet)"))
     # model
     tiny: bool = field(default=False, metadata=_help("run on the tiny random model (demo and tests)"))
@@ -70,12 +72,16 @@ class AppConfig(ModelPathOptions):
             raise ConfigError("give at least one `checkpoint-root`")
         if self.max_upload_pixels < 64 * 64:
             raise ConfigError("`max-upload-pixels` must be at least 4096")
+        if self.max_file_mb < 1:
+            raise ConfigError(f"`max-file-mb` must be at least 1, got {self.max_file_mb}")
         if self.max_pixels < 256:
             raise ConfigError("`max-pixels` must be at least 256")
         if not 0 <= self.max_extra_loras <= 16:
             raise ConfigError("`max-extra-loras` must be in 0..16")
-        if not 1 <= self.lbm_steps <= 4:
-            raise ConfigError("`lbm-steps` must be in 1..4")
+        from ..limits import LBM_MAX_STEPS
+
+        if not 1 <= self.lbm_steps <= LBM_MAX_STEPS:
+            raise ConfigError(f"`lbm-steps` must be in 1..{LBM_MAX_STEPS}")
         if not 1 <= self.steps <= self.max_steps:
             raise ConfigError(f"`steps` must be in 1..{self.max_steps}")
 

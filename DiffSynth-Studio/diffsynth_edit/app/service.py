@@ -33,7 +33,7 @@ from .errors import AppInputError
 from .uploads import limit_pixels, mask_coverage, open_image
 
 SAMPLERS = {"flow": "flow", "flow_matching": "flow", "flow-matching": "flow", "fm": "flow", "lbm": "lbm"}
-LBM_MAX_STEPS = 4
+from ..limits import LBM_MAX_STEPS  # noqa: E402  (re-exported for the UI)
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
 NO_CHECKPOINT_LABEL = "(none: base model)"

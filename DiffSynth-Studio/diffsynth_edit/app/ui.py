@@ -33,6 +33,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from ..editing.editor import to_rgb  # noqa: E402
+from .editor_limits import bounded_editor  # noqa: E402
 from .errors import AppInputError  # noqa: E402
 from .uploads import mask_from_editor  # noqa: E402
 from .png import save_png  # noqa: E402
@@ -162,13 +163,13 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
             gr.Markdown(f"> ⚠️ {n}")
         with gr.Row():
             with gr.Column(scale=3):
-                editor = gr.ImageEditor(**_kw(
+                editor = bounded_editor(gr.ImageEditor(**_kw(
                     gr.ImageEditor, label="Image and mask", type="pil", image_mode="RGBA",
                     sources=["upload", "clipboard"], transforms=(), layers=False, format="png",
                     fixed_canvas=False, canvas_size=(1024, 1024), height=620, elem_id="edit-canvas",
                     brush=gr.Brush(colors=[BRUSH_COLOR], default_color=BRUSH_COLOR, color_mode="fixed",
                                    default_size=32),
-                    eraser=gr.Eraser(default_size=32)))
+                    eraser=gr.Eraser(default_size=32))))
                 prompt = gr.Textbox(label="Prompt (edit instruction)", lines=2, elem_id="prompt",
                                     placeholder="e.g. replace the cup with a red teapot")
                 references = gr.Gallery(**_kw(gr.Gallery, label="Extra reference images, in order (optional)",
@@ -347,7 +348,8 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7999, share: bool = False,
-           max_file_mb: int = 100, queue_size: int = 64, prevent_thread_lock: bool = False, quiet: bool = False):
+           max_file_mb: int = 100, queue_size: int = 64, prevent_thread_lock: bool = False, quiet: bool = False,
+           auth: list[tuple[str, str]] | None = None):
     demo.queue(**_kw(demo.queue, default_concurrency_limit=1, max_size=queue_size))
     # gradio's queue loop polls for new jobs every 1 ms, even when idle: 1000 GIL hand-offs a second, a ≈ 3 % tax on
     # Python-bound work in this process (the edit's launch loop included; measured on CPU). 5 ms: ≈ 0.6 %, and a new
@@ -357,4 +359,5 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7999, share:
         queue.sleep_when_free = QUEUE_POLL_S
     return demo.launch(**_kw(demo.launch, server_name=host, server_port=port, share=share,
                              max_file_size=f"{max_file_mb}mb", show_error=True, ssr_mode=False,
-                             prevent_thread_lock=prevent_thread_lock, quiet=quiet, inbrowser=False))
+                             prevent_thread_lock=prevent_thread_lock, quiet=quiet, inbrowser=False,
+                             auth=auth or None))

@@ -16,6 +16,7 @@ from PIL import Image, ImageChops
 
 from ..atomic import atomic_write_bytes
 from ..geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
+from ..limits import aspect_problem
 from ..prompts import edit_prompt
 from ..image_io import (FORMAT_EXTENSION, WHITE, DecodedImage, ImageDecodeError, atomic_save_image, decode_image,
                         to_mask, to_rgb)
@@ -119,6 +120,8 @@ def _read_pair(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes]) -> _P
     tgt_dec = _decode(spec.target, raw["target"], spec.id)
     src_dec = _decode(spec.source, raw["source"], spec.id)
     tgt_img, src_img = _rgb(tgt_dec, spec.target, spec.id), _rgb(src_dec, spec.source, spec.id)
+    if aspect_problem(*tgt_img.size):  # the cache and the editor refuse it: refuse it here, where it enters
+        raise SampleError(_err("bad_aspect", spec.target, spec.id, aspect_problem(*tgt_img.size)))
     size = fit_size(tgt_img.width, tgt_img.height, st.max_pixels)
     _check_size(spec.source, src_img.size, tgt_img.size, spec.id, "the source")
     if tgt_img.size != size:

@@ -41,6 +41,8 @@ class ValidateConfig:
     def validate(self) -> None:
         if self.dataset is None:
             raise ConfigError("give the dataset JSON to validate")
+        if self.dataset.is_dir():
+            raise ConfigError(f"{self.dataset} is a folder; give the dataset JSON/JSONL file")
         if self.workers < 0:
             raise ConfigError("`workers` must be >= 0")
 

@@ -58,7 +58,7 @@ class ModelOptions(ModelPathOptions):
 @dataclass
 class SamplerOptions:
     sampler: Literal["flow", "lbm"] = field(default="flow", metadata=_h("flow matching or latent bridge matching"))
-    steps: int = field(default=40, metadata=_h("sampling steps (LBM: 1-8)"))
+    steps: int = field(default=40, metadata=_h("sampling steps (LBM: 1-4)"))
     cfg: float = field(default=4.0, metadata=_h("classifier-free guidance scale (1 = off)"))
     seed: int = field(default=0, metadata=_h("noise seed (the same for every sample)"))
     blend_alpha: float = field(default=0.0, metadata=_h("background blending outside the mask, 0 = off"))
@@ -140,6 +140,8 @@ class TinyModelConfig:
     def validate(self) -> None:
         if self.out is None:
             raise ConfigError("tiny-model needs --out DIR")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file, not a folder")
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
@@ -322,6 +324,8 @@ def open_image(path: Path, what: str):
         raise ValueError(f"{what} {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} {path} cannot be decoded: {e}") from None
+    except Image.DecompressionBombError as e:  # one oversized entry is that entry's error, not the batch's
+        raise ValueError(f"{what} {path} is too large to decode ({e})") from None
 
 
 def run_job(editor, job: Job, settings, out_dir: Path, negative_prompt: str = "",

@@ -34,7 +34,7 @@ from ..ste import STE
 from ..variants import get_variant
 from .sampling import FLOW_SCHEDULES, euler_step, flow_sigmas, lbm_grid
 
-MAX_ASPECT = 16.0
+from ..limits import LBM_MAX_STEPS, MAX_ASPECT  # noqa: E402,F401  (one limit each, shared)
 
 
 class EditInputError(ValueError):
@@ -64,8 +64,8 @@ class EditSettings:
     def validate(self) -> None:
         if self.sampler not in ("flow", "lbm"):
             raise EditInputError(f"sampler must be 'flow' or 'lbm', got {self.sampler!r}")
-        if self.steps < 1 or (self.sampler == "lbm" and self.steps > 8):
-            raise EditInputError(f"steps={self.steps} is out of range (flow ≥ 1, LBM 1–8)")
+        if self.steps < 1 or (self.sampler == "lbm" and self.steps > LBM_MAX_STEPS):
+            raise EditInputError(f"steps={self.steps} is out of range (flow ≥ 1, LBM 1–{LBM_MAX_STEPS})")
         if self.cfg_scale < 1.0:
             raise EditInputError(f"cfg_scale must be ≥ 1, got {self.cfg_scale}")
         if not 0.0 <= self.blend_alpha <= 1.0:

@@ -20,10 +20,12 @@ def main_train(argv: list[str] | None = None, objective: str | None = None, prog
     from ..loading import MissingWeightsError
     from ..variants import VariantMismatchError
     from .loop import TrainingError, train
+    from .state_io import StateFileError
 
     try:
         train(cfg)
-    except (TrainingError, CacheError, CheckpointError, MissingWeightsError, VariantMismatchError, ConfigError) as e:
+    except (TrainingError, CacheError, CheckpointError, MissingWeightsError, VariantMismatchError, ConfigError,
+            StateFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -44,7 +46,14 @@ def main_export(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["comfyui", "diffusers", "kohya"], default="comfyui")
     a = p.parse_args(argv)
+    from pathlib import Path
+
     from ..checkpoint import CheckpointError
+
+    if Path(a.out).resolve() == Path(a.checkpoint).resolve():
+        print(f"error: --out {a.out} is the --checkpoint itself; the export would overwrite it (and drop its STE): "
+              f"give another file", file=sys.stderr)
+        return 2
 
     try:
         path, n = export_checkpoint(a.checkpoint, a.out, a.format)

@@ -1,6 +1,8 @@
 """TrainConfig: the one typed object a training run is built from (TOML preset + CLI overrides)."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -95,6 +97,33 @@ class TrainConfig:
             raise ConfigError("bridge_sigma must be ≥ 0")
         if self.validate_every and self.val_cache_dir is None:
             raise ConfigError("validate_every needs val_cache_dir (a cache of held-out samples)")
+        self._validate_numbers()
+
+    def _validate_numbers(self) -> None:
+        """Numbers the optimizer or the loop would otherwise fail on late (or silently misuse)."""
+        at_least = {"save_every": 1, "log_every": 1, "warmup_steps": 0, "keep_last": 0, "num_workers": 0,
+                    "validate_every": 0}
+        if self.validate_every:
+            at_least |= {"val_samples": 1, "val_steps": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ {low}, got {getattr(self, name)}")
+        positive = {"learning-rate": self.learning_rate, "lora-alpha": self.lora_alpha, "d0": self.d0}
+        for flag, value in positive.items():
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{flag} must be a finite number > 0, got {value}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be ≥ 0 (0 = off), got {self.grad_clip}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"--betas must be two numbers in [0, 1), e.g. 0.95,0.99; got {self.betas}")
+        if self.checkpoint_last_n is not None and self.checkpoint_last_n < 0:
+            raise ConfigError(f"--checkpoint-last-n must be ≥ 0, got {self.checkpoint_last_n}")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ConfigError("--lora-targets is empty")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
     @property
     def lr(self) -> float:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..activation import checkpoint_activation
-from ..atomic import atomic_write_json, kill_point
+from ..atomic import atomic_save_safetensors, atomic_write_json, kill_point
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..cache.store import open_cache
 from ..checkpoint import read_checkpoint, write_checkpoint
@@ -22,13 +22,14 @@ from ..speedups import compile_blocks
 from ..config import config_to_dict
 from ..loading import ModelSources, load_pipeline
 from ..ste import STE
-from ..variants import check_same_variant, get_variant
+from ..variants import VariantMismatchError, get_variant
 from .config import TrainConfig
 from .data import BatchStream, collate, sample_generator
 from .distributed import build_accelerator
 from .logger import RunLogger
 from .lora import inject_lora, load_into_training, lora_state_dict
 from .losses import combine_losses, lbm_predicted_target, make_lbm_inputs, make_sft_inputs, per_sample_mse
+from .state_io import load_state, load_torch_state, restore_optimizer_state, save_state
 
 KILL_ENV = "DIFFSYNTH_EDIT_TRAIN_TEST_KILL"  # crash tests: "step:<n>" or "state-swap:<n>" (atomic.kill_point)
 
@@ -187,6 +188,8 @@ def _base_optimizer(optimizer):
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainingError(f"--device {cfg.device}: torch sees no CUDA device here (use --device cpu or auto)")
         self.accelerator = build_accelerator(cfg)  # the scheduler steps once per optimizer step in every mode
         self.main = self.accelerator.is_main_process
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
@@ -200,7 +203,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.cache = open_cache(cfg.cache_dir)
         self.variant = get_variant(self.cache.variant)
-        check_same_variant(self.cache.variant, cfg.variant, "this run's --variant (the cache)")
+        if cfg.variant is not None and str(cfg.variant) != str(self.cache.variant):
+            raise VariantMismatchError(f"--variant {cfg.variant} does not fit the cache {cfg.cache_dir}, which was "
+                                       f"made for Qwen-Image-Edit-{self.cache.variant}; give --variant "
+                                       f"{self.cache.variant} or a cache made for {cfg.variant}")
         self.zero_cond_t = self.variant.zero_cond_t  # from the manifest's variant, never from a flag
         if self.cache.zero_cond_t != self.zero_cond_t:
             raise TrainingError(f"cache {cfg.cache_dir} says zero_cond_t={self.cache.zero_cond_t} for variant "
@@ -371,16 +377,14 @@ class Trainer:
         if not self.main:
             self.accelerator.wait_for_everyone()
             return
-        from safetensors.torch import save_file
-
         tmp.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.cpu().contiguous() for k, v in lora.items()}
         tensors.update({"ste." + k: v.cpu().contiguous() for k, v in ste.items()})
-        save_file(tensors, str(tmp / "trainable.safetensors"))
+        atomic_save_safetensors(tmp / "trainable.safetensors", tensors)
         blob = {"scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
         if self.zero_stage == 0:
             blob["optimizer"] = _base_optimizer(self.optimizer).state_dict()
-        torch.save(blob, tmp / "optimizer.pt")
+        save_state(tmp / "optimizer", blob)  # safetensors + JSON: loads without pickle, every dtype kept
         atomic_write_json(tmp / "trainer.json", {"step": self.step, "data": self.stream.state_dict(),
                                                  "config": config_to_dict(self.cfg),
                                                  "deepspeed": self._deepspeed_layout()})
@@ -441,7 +445,9 @@ class Trainer:
                 if m.ste is not None:
                     m.ste.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ste.")},
                                           strict=True)
-        blob = torch.load(state / "optimizer.pt", map_location="cpu", weights_only=False)
+        # optimizer.pt: states written before optimizer.safetensors/.json, read with weights_only=True.
+        blob = (load_state(state / "optimizer") if (state / "optimizer.json").is_file()
+                else load_torch_state(state / "optimizer.pt"))
         if self.zero_stage >= 1:
             # The ZeRO optimizer restores this rank's fp32 master partition (ZeRO-3: and the module's partitions from
             # it) and the client optimizer's state; ZeRO-1/2 then refresh the module weights from the masters.
@@ -450,13 +456,13 @@ class Trainer:
                 raise TrainingError(f"resume state {state} has no {zero_file.name}; it was not written by this "
                                     f"DeepSpeed layout")
             states = [None] * self.accelerator.num_processes
-            states[self.accelerator.process_index] = torch.load(zero_file, map_location="cpu", weights_only=False)
+            states[self.accelerator.process_index] = load_torch_state(zero_file, allow_deepspeed=True)
             zero_opt = self._zero_optimizer()
             zero_opt.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
             if hasattr(zero_opt, "update_lp_params"):
                 zero_opt.update_lp_params()
         else:
-            _base_optimizer(self.optimizer).load_state_dict(blob["optimizer"])
+            restore_optimizer_state(_base_optimizer(self.optimizer), blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"])
         self.step = int(info["step"])
@@ -604,6 +610,16 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> Path | None:
-    trainer = Trainer(cfg)
-    trainer.build()
-    return trainer.fit()
+    from .faults import output_write_error
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.build()
+        return trainer.fit()
+    except Exception as e:
+        problem = output_write_error(e, cfg.run_dir, trainer.step if trainer is not None and hasattr(trainer, "step")
+                                     else 0)
+        if problem is None:
+            raise
+        raise TrainingError(problem) from None

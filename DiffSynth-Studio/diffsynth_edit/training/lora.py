@@ -4,12 +4,18 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint, CheckpointError, check_against_model
+from ..config import ConfigError
 
 
 def inject_lora(dit: torch.nn.Module, rank: int, alpha: float, targets: list[str] | tuple[str, ...],
                 dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     from peft import LoraConfig, inject_adapter_in_model
 
+    names = [n for n, _ in dit.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        raise ConfigError(f"--lora-targets: {', '.join(unknown)} name(s) no module of the DiT (module names such as "
+                          f"to_q, img_mlp.net.2, img_in; the variant's default list is in docs/training.md)")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
                         init_lora_weights=True)
     inject_adapter_in_model(config, dit)
