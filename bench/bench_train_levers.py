@@ -33,6 +33,7 @@ def main() -> int:
     dtype = torch.float32 if a.tiny else torch.bfloat16
     size, sub, text_dim = (64, 32, 64) if a.tiny else (1024, 512, 3584)
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+    from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
     from diffsynth_edit.speedups import compile_blocks, uncompile_blocks
     from diffsynth_edit.ste import STE
@@ -61,6 +62,7 @@ def main() -> int:
         pipe.dit = dit
         tm = DiffusionTrainingModule()
         tm.pipe = pipe
+        set_dit_activation(dit, "sigmoid-1.702")  # upstream trains under its own activation
         tm.switch_pipe_to_training_mode(pipe, None, "dit", ",".join(LORA_TARGETS_UPSTREAM), 32)
         opt = torch.optim.AdamW(tm.trainable_modules(), lr=1e-4)
         inputs = {"input_latents": x0, "edit_latents": [edit], "prompt_emb": emb, "prompt_emb_mask": mask,
@@ -148,6 +150,7 @@ def main() -> int:
         "defc": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None),
         "defc40": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, 40),
     }
+    set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's activation)
     for key in cases:
         if key in table:
             case(key, *table[key])

@@ -34,6 +34,7 @@ def main() -> int:
     dtype = torch.float32 if a.tiny else torch.bfloat16
     size, sub, text_dim = (64, 32, 64) if a.tiny else (1024, 512, 3584)
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+    from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
 
     g = torch.Generator().manual_seed(0)
@@ -55,6 +56,7 @@ def main() -> int:
     pipe.dit = dit
     tm = DiffusionTrainingModule()
     tm.pipe = pipe
+    set_dit_activation(dit, "sigmoid-1.702")  # upstream trains under its own activation
     tm.switch_pipe_to_training_mode(pipe, None, "dit", ",".join(LORA_TARGETS_UPSTREAM), 32)
     opt = torch.optim.AdamW(tm.trainable_modules(), lr=1e-4)
     inputs = {"input_latents": x0, "edit_latents": [edit], "prompt_emb": emb, "prompt_emb_mask": mask,
@@ -71,6 +73,7 @@ def main() -> int:
     rows.append(("(a) upstream training module: plain, rank 32, 12 targets, AdamW, bf16 LoRA", med, peak, n_up))
     del opt, tm
     strip_lora(dit)
+    set_dit_activation(dit, "gelu-tanh")  # the workspace default from here on
     torch.cuda.empty_cache() if device == "cuda" else None
 
     from diffsynth_edit.ste import STE
