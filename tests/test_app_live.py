@@ -251,6 +251,16 @@ def test_queue_polls_every_5_ms_and_edit_skips_component_preprocessing():
 
 
 
+EXTRA_LORA_SLOTS = 3  # the app's default --max-extra-loras
+
+
+def _page_inputs(editor_value, prompt: str, checkpoint: str, seed: int) -> tuple:
+    """Every input of the page's Generate event, in its order: editor, prompt, references, checkpoint, strength,
+    sampler, steps, cfg, seed, blend, schedule, then the extra-LoRA slots' files and strengths (all empty)."""
+    return (editor_value, prompt, None, checkpoint, 1.0, "flow", 2, 2.0, seed, 0.0, "qwen",
+            *[""] * EXTRA_LORA_SLOTS, *[1.0] * EXTRA_LORA_SLOTS)
+
+
 def test_use_as_input_chains_two_edits(live):
     """The page's own path: Generate on an image with a painted mask, "Use as input" on its output, Generate again.
     The second edit starts from exactly the first output's pixels: it equals an /edit call on that output file."""
@@ -262,7 +272,7 @@ def test_use_as_input_chains_two_edits(live):
     layer.save(f / "layer.png")
     first_value = {"background": handle_file(str(f / "image.png")), "layers": [handle_file(str(f / "layer.png"))],
                    "composite": handle_file(str(f / "image.png"))}
-    first, _, _, settings1, _ = client.predict(first_value, "make it blue", None, "", 1.0, "flow", 2, 2.0, 1, 0.0,
+    first, _, _, settings1, _ = client.predict(*_page_inputs(first_value, "make it blue", "", seed=1),
                                                api_name="/ui_generate")
     assert settings1["mask"] == "painted" and settings1["size"] == [128, 96]
     first_px = np.asarray(Image.open(first).convert("RGB"))
@@ -274,8 +284,7 @@ def test_use_as_input_chains_two_edits(live):
     second_value = {"background": handle_file(chained["background"]), "layers": [],
                     "composite": handle_file(chained["composite"])}
     second, sub, compare, settings2, _ = client.predict(
-        second_value, "make it red", None, "run1/step-20.safetensors", 1.0, "flow", 2, 2.0, 5, 0.0,
-        api_name="/ui_generate")
+        *_page_inputs(second_value, "make it red", "run1/step-20.safetensors", seed=5), api_name="/ui_generate")
     before = compare[0] if isinstance(compare, (list, tuple)) else compare
     assert np.array_equal(np.asarray(Image.open(before).convert("RGB")), first_px)  # the "before" is edit 1's output
     assert settings2["mask"].startswith("none") and settings2["checkpoint"] == "run1/step-20.safetensors"
