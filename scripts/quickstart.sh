@@ -46,10 +46,10 @@ step "6/8 edit + evaluate the test split with $SFT_CKPT"
 "$PY" edit_images.py evaluate --dataset "$QS/dataset_test.json" --model-root "$MODELS" --checkpoint "$SFT_CKPT" \
   --steps 20 --cfg 2 --out "$RUNS/quickstart-sft/eval" --grid-rows 8 --grid-cell 128
 
-step "7/8 LBM, warm-started from the SFT checkpoint (its STE kept)"
-"$PY" train_lbm.py --preset configs/tiny_quickstart.toml --objective lbm --cache-dir "$QS/cache-train" \
-  --model-root "$MODELS" --output-dir "$RUNS" --run-name quickstart-lbm --init-from "$SFT_CKPT" \
-  --val-cache-dir "$QS/cache-test" --validate-every 25 --val-steps 1 --resume
+step "7/8 LBM from scratch (the zero output projection makes the untrained 1-step edit the identity)"
+"$PY" train_lbm.py --preset configs/tiny_quickstart_lbm.toml --cache-dir "$QS/cache-train" \
+  --model-root "$MODELS" --output-dir "$RUNS" --run-name quickstart-lbm \
+  --val-cache-dir "$QS/cache-test" --validate-every 50 --val-steps 1 --resume
 LBM_CKPT="$(ls "$RUNS"/quickstart-lbm/step-*.safetensors | sort | tail -n 1)"
 
 step "8/8 one-step LBM edit"
