@@ -50,7 +50,8 @@ def main() -> int:
     if not a.skip_train:
         from diffsynth_edit.training.config import TrainConfig
         from diffsynth_edit.training.lora import inject_lora
-        from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
+        from diffsynth_edit.training.model import EditTrainModel
+        from diffsynth_edit.training.optim import build_optimizer
         from diffsynth_edit.training.losses import make_lbm_inputs
 
         text_dim = 64 if a.tiny else 3584

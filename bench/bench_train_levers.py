@@ -40,7 +40,8 @@ def main() -> int:
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.lora import inject_lora
     from diffsynth_edit.training.losses import NoisedBatch
-    from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
+    from diffsynth_edit.training.model import EditTrainModel
+    from diffsynth_edit.training.optim import build_optimizer
 
     g = torch.Generator().manual_seed(0)
     lat = lambda h, w: torch.randn(1, 16, h // 8, w // 8, generator=g).to(device, dtype)  # noqa: E731

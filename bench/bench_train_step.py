@@ -80,7 +80,8 @@ def main() -> int:
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.lora import inject_lora
     from diffsynth_edit.training.losses import NoisedBatch
-    from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
+    from diffsynth_edit.training.model import EditTrainModel
+    from diffsynth_edit.training.optim import build_optimizer
 
     def workspace_case(label, mode, rank, targets, optimizer, tdtype):
         cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
