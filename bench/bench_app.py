@@ -366,12 +366,12 @@ def main(argv=None) -> int:
     from diffsynth_edit.app.service import EditService
     from diffsynth_edit.app.testing import free_port, wait_for_http
     from diffsynth_edit.app.ui import build_ui, launch
-    from diffsynth_edit.editing.editor import EditRequest, EditSettings
+    from diffsynth_edit.editing.request import EditRequest, EditSettings
 
     editor, device, dtype, note = build_editor(args)
     jitter = [0.0]  # --null-edit: seconds the stub sleeps in this run (the same in its bare and app calls)
     if args.null_edit:
-        from diffsynth_edit.editing.editor import EditResult
+        from diffsynth_edit.editing.request import EditResult
 
         outputs = {}
 

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
 
     from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
-    from diffsynth_edit.editing.editor import Editor, EditSettings, PreparedEdit
+    from diffsynth_edit.editing.editor import Editor
+    from diffsynth_edit.editing.request import EditSettings, PreparedEdit
     from diffsynth_edit.geometry import Box
     from diffsynth_edit.ste import STE
 

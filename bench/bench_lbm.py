@@ -96,7 +96,8 @@ def main() -> int:
                 break
 
     # ---- end-to-end edits --------------------------------------------------------------------------------------
-    from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor
+    from diffsynth_edit.editing.editor import Editor
+    from diffsynth_edit.editing.request import EditRequest, EditSettings
 
     if a.tiny:
         import tempfile
@@ -182,7 +183,7 @@ def main() -> int:
 
 def profile_prepare(editor, request, device: str, repeats: int) -> list[str]:
     """`Editor.prepare` timed with and without the VAE side stream, and one profiled call's op table."""
-    from diffsynth_edit.editing.editor import EditSettings
+    from diffsynth_edit.editing.request import EditSettings
 
     from diffsynth_edit import encoding
     from harness import timed as timed_median
