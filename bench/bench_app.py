@@ -134,7 +134,7 @@ def random_full_dit(device: str, dtype: torch.dtype, num_layers: int = 60):
 
 
 def build_editor(args):
-    from diffsynth_edit.app.service import resolve_device, resolve_dtype, tiny_sources
+    from diffsynth_edit.app.editor_setup import resolve_device, resolve_dtype, tiny_sources
     from diffsynth_edit.editing.editor import Editor
     from diffsynth_edit.loading import load_pipeline
 
