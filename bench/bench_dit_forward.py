@@ -333,21 +333,6 @@ def main(argv=None) -> int:
         return 1
     return 0
 
-    md = to_markdown(info, args)
-    print()
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dit_forward.md").write_text(md)
-        (out / "dit_forward.json").write_text(json.dumps(info, indent=2))
-        print(f"wrote {out / 'dit_forward.md'}")
-    if tiny and same_activation_diff != 0.0:
-        print(f"error: upstream and plain bridge forward (same activation) differ by {same_activation_diff}",
-              file=sys.stderr)
-        return 1
-    return 0
-
 
 def _blank(w, h):
     from PIL import Image

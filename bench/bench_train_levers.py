@@ -23,6 +23,16 @@ from harness import (TrainInputs, bench_parser, build_full_dit, build_tiny_dit, 
                      workspace_training, write_report)
 
 
+def timed_optimizer_step(optimizer, device: str, times: list[float]) -> None:
+    """`optimizer.step()` and `zero_grad`, timed alone (synchronised before and after) into `times`."""
+    sync(device)
+    t = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    times.append(time.perf_counter() - t)
+
+
 def upstream_case(dit, x: TrainInputs, a, device: str, dtype: torch.dtype) -> tuple:
     """Upstream's training module, eager: its report row."""
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
@@ -32,12 +42,7 @@ def upstream_case(dit, x: TrainInputs, a, device: str, dtype: torch.dtype) -> tu
 
     def upstream_step():
         FlowMatchSFTLoss(pipe, **inputs).backward()
-        sync(device)
-        t = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        up_opt.append(time.perf_counter() - t)
+        timed_optimizer_step(opt, device, up_opt)
 
     med, peak, ts = time_steps(upstream_step, device, a.warmup, a.repeats)
     print(f"RESULT up | upstream r32 eager | {med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]}", flush=True)
@@ -63,12 +68,7 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
     def step():
         loss, _, _ = model(batch, noised)
         loss.backward()
-        sync(device)
-        t = time.perf_counter()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        sync(device)
-        opt_times.append(time.perf_counter() - t)
+        timed_optimizer_step(optim, device, opt_times)
 
     row = None
     t_first = time.perf_counter()
