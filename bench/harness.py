@@ -1,4 +1,6 @@
-"""What the benchmarks share: random-weight models at full and tiny size, timing, and writing the report.
+"""What the benchmarks share: random-weight models at full and tiny size, the common flags and device choice, the
+training benchmarks' sample and set-ups (upstream's training module, the workspace trainer's model), timing, and
+writing the report.
 
 Each `bench_*.py` is a script over this module (run from the repository root as `python bench/bench_x.py`; the
 script's folder is on `sys.path`, so `import harness` works). Full-size models are built on the meta device and
