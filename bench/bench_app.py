@@ -134,7 +134,7 @@ def random_full_dit(device: str, dtype: torch.dtype, num_layers: int = 60):
 
 
 def build_editor(args):
-    from diffsynth_edit.app.service import resolve_device, resolve_dtype, tiny_sources
+    from diffsynth_edit.app.editor_setup import resolve_device, resolve_dtype, tiny_sources
     from diffsynth_edit.editing.editor import Editor
     from diffsynth_edit.loading import load_pipeline
 
@@ -312,10 +312,7 @@ def queue_poll_only(rounds: int) -> dict:
                for p, v in times.items()}}
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--client-worker"]:
-        return client_worker(argv[1:])
+def parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true", help="full-size random DiT on CUDA (see the module docstring)")
     ap.add_argument("--runs", type=int, default=5)
@@ -346,7 +343,81 @@ def main(argv=None) -> int:
                          "this process (the client then shares the server's GIL and CPU: the measurement before "
                          "2026-11-27)")
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def install_null_edit(editor, args, jitter: list[float]) -> None:
+    """--null-edit: `editor.edit` becomes an instant stub that sleeps `jitter[0]` s, reports its steps and returns
+    --null-output."""
+    from diffsynth_edit.editing.request import EditResult
+
+    outputs = {}
+
+    def null_output(img: Image.Image) -> Image.Image:
+        """The stub's output: the input itself (smooth), the input with ±6 of noise (like a photograph), or
+        uniform noise (like the random-weight DiT of --gpu): what the app's PNG writer has to compress."""
+        if args.null_output == "input":
+            return img
+        if img.size not in outputs:
+            rng = np.random.default_rng(0)
+            if args.null_output == "photo":
+                arr = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (img.height, img.width, 3))
+            else:
+                arr = rng.integers(0, 256, (img.height, img.width, 3))
+            outputs[img.size] = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        return outputs[img.size]
+
+    def null_edit(request, settings=None, progress=None):
+        if jitter[0]:
+            time.sleep(jitter[0])
+        for i in range(settings.steps):
+            if progress is not None:
+                progress(i + 1, settings.steps)
+        img = null_output(request.image.convert("RGB"))
+        return EditResult(img, None, {"sampler": settings.sampler, "steps": settings.steps, "seed": settings.seed,
+                                      "size": list(img.size), "box": [0, 0, 0, 0]}, [], None, None)
+    editor.edit = null_edit
+
+
+def summarise(args, note: str, device: str, dtype: torch.dtype, w: int, h: int, load0: float, bare_t: list,
+              app_t: dict, server_t: dict) -> dict:
+    """The JSON result: the bare edit's and each client's times, the app's overhead per run."""
+    mb = statistics.median(bare_t)
+    result = {
+        "mode": "gpu" if args.gpu else "cpu",
+        "model": note,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores: "
+                                                                                    f"{cpu_model()})",
+        "torch_threads": torch.get_num_threads(),
+        "client": args.client,
+        "load_average_1m_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "dtype": str(dtype).replace("torch.", ""),
+        "size": [w, h], "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "runs": args.runs,
+        "bare_median_s": round(mb, 4), "bare_s": [round(x, 4) for x in bare_t],
+        "app": {},
+        "versions": {"torch": torch.__version__, "gradio": __import__("gradio").__version__,
+                     "gradio_client": __import__("gradio_client").__version__,
+                     "python": platform.python_version()},
+    }
+    for k in CLIENTS:
+        ma = statistics.median(app_t[k])
+        diffs = [a - b for a, b in zip(app_t[k], bare_t)]  # per run: the app call minus the bare call before it
+        result["app"][k] = {
+            "median_s": round(ma, 4), "mean_s": round(statistics.fmean(app_t[k]), 4),
+            "server_side_median_s": round(statistics.median(server_t[k]), 4),
+            "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1) if mb > 0.05 else None,
+            "overhead_per_run_median_s": round(statistics.median(diffs), 4),
+            "overhead_per_run_mean_s": round(statistics.fmean(diffs), 4),
+            "runs_s": [round(x, 4) for x in app_t[k]],
+        }
+    return result
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--client-worker"]:
+        return client_worker(argv[1:])
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = args.device or ("cuda" if args.gpu else "cpu")
@@ -366,40 +437,12 @@ def main(argv=None) -> int:
     from diffsynth_edit.app.service import EditService
     from diffsynth_edit.app.testing import free_port, wait_for_http
     from diffsynth_edit.app.ui import build_ui, launch
-    from diffsynth_edit.editing.editor import EditRequest, EditSettings
+    from diffsynth_edit.editing.request import EditRequest, EditSettings
 
     editor, device, dtype, note = build_editor(args)
     jitter = [0.0]  # --null-edit: seconds the stub sleeps in this run (the same in its bare and app calls)
     if args.null_edit:
-        from diffsynth_edit.editing.editor import EditResult
-
-        outputs = {}
-
-        def null_output(img: Image.Image) -> Image.Image:
-            """The stub's output: the input itself (smooth), the input with ±6 of noise (like a photograph), or
-            uniform noise (like the random-weight DiT of --gpu): what the app's PNG writer has to compress."""
-            if args.null_output == "input":
-                return img
-            if img.size not in outputs:
-                rng = np.random.default_rng(0)
-                if args.null_output == "photo":
-                    arr = np.asarray(img, dtype=np.int16) + rng.integers(-6, 7, (img.height, img.width, 3))
-                else:
-                    arr = rng.integers(0, 256, (img.height, img.width, 3))
-                outputs[img.size] = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-            return outputs[img.size]
-
-        def null_edit(request, settings=None, progress=None):
-            if jitter[0]:
-                time.sleep(jitter[0])
-            for i in range(settings.steps):
-                if progress is not None:
-                    progress(i + 1, settings.steps)
-            img = null_output(request.image.convert("RGB"))
-            return EditResult(img, None, {"sampler": settings.sampler, "steps": settings.steps, "seed": settings.seed,
-                                          "size": list(img.size), "box": [0, 0, 0, 0]}, [], None, None)
-
-        editor.edit = null_edit
+        install_null_edit(editor, args, jitter)
         note += f"; NULL EDIT (stub returning {args.null_output}: app overhead only)"
     service = EditService(editor, [tmp / "train"], max_pixels=max(w * h, 256))
     demo = build_ui(service, default_steps=args.steps)
@@ -442,34 +485,7 @@ def main(argv=None) -> int:
               + ", ".join(f"app ({k} client) {app_t[k][-1]:.3f} s" for k in CLIENTS), flush=True)
     client.close()
     demo.close()
-    mb = statistics.median(bare_t)
-    result = {
-        "mode": "gpu" if args.gpu else "cpu",
-        "model": note,
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores: "
-                                                                                    f"{cpu_model()})",
-        "torch_threads": torch.get_num_threads(),
-        "client": args.client,
-        "load_average_1m_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
-        "dtype": str(dtype).replace("torch.", ""),
-        "size": [w, h], "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "runs": args.runs,
-        "bare_median_s": round(mb, 4), "bare_s": [round(x, 4) for x in bare_t],
-        "app": {},
-        "versions": {"torch": torch.__version__, "gradio": __import__("gradio").__version__,
-                     "gradio_client": __import__("gradio_client").__version__,
-                     "python": platform.python_version()},
-    }
-    for k in CLIENTS:
-        ma = statistics.median(app_t[k])
-        diffs = [a - b for a, b in zip(app_t[k], bare_t)]  # per run: the app call minus the bare call before it
-        result["app"][k] = {
-            "median_s": round(ma, 4), "mean_s": round(statistics.fmean(app_t[k]), 4),
-            "server_side_median_s": round(statistics.median(server_t[k]), 4),
-            "overhead_s": round(ma - mb, 4), "overhead_pct": round(100 * (ma - mb) / mb, 1) if mb > 0.05 else None,
-            "overhead_per_run_median_s": round(statistics.median(diffs), 4),
-            "overhead_per_run_mean_s": round(statistics.fmean(diffs), 4),
-            "runs_s": [round(x, 4) for x in app_t[k]],
-        }
+    result = summarise(args, note, device, dtype, w, h, load0, bare_t, app_t, server_t)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

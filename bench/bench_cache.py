@@ -210,7 +210,7 @@ class DeviceTrace:
         return lines
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke test)")
     ap.add_argument("--n", type=int, default=None, help="timed samples (default 8; 3 with --tiny)")
@@ -235,62 +235,30 @@ def main(argv=None) -> int:
                     help="qwen: Qwen's real BPE ranks (bench/fetch_qwen_tokenizer.sh); bytes: the tiny byte-level "
                          "tokenizer (~3-4x the real text token counts); auto: qwen if fetched")
     ap.add_argument("--workdir", default=None, help="where samples and outputs go (default: a temp dir)")
-    args = ap.parse_args(argv)
-    n = args.n or (3 if args.tiny else 8)
-    size = args.size or (128 if args.tiny else 1024)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.tiny_meta:
-        args.tiny = True
-    dtype = torch.float32 if (args.tiny and device == "cpu") else torch.bfloat16
-    os.environ.setdefault("DIFFSYNTH_SKIP_DOWNLOAD", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tmp = tempfile.TemporaryDirectory(prefix="bench_cache_")
-    work = Path(args.workdir or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
+    return ap.parse_args(argv)
 
-    t0 = time.perf_counter()
-    if args.tiny_meta:
-        from diffsynth_edit.tiny import TinyQwenImageTextEncoder, TinyQwenImageVAE
 
-        pipe = build_full_pipeline(device, dtype, TinyQwenImageTextEncoder, TinyQwenImageVAE, tokenizer="bytes")
-    elif args.tiny:
-        pipe = build_tiny_pipeline(work / "tiny_models", device, dtype)
-    else:
-        pipe = build_full_pipeline(device, dtype, tokenizer=args.tokenizer)
-    pipe.scheduler.set_timesteps(1000, training=True)  # as upstream's switch_pipe_to_training_mode
-    t_build = time.perf_counter() - t0
-    dataset = make_samples(work / "data", n + 1, size)
-    entries = json.loads(dataset.read_text())
-
-    from diffsynth_edit.atomic import atomic_path  # noqa: F401  (the writer uses it)
-    from diffsynth_edit.cache.config import TORCH_DTYPES, CacheConfig
-    from diffsynth_edit.cache.encode import run_cache
-    from diffsynth_edit.cache.encoder import SampleEncoder
-    from diffsynth_edit.cache.samples import load_items
-    from diffsynth_edit.cache.writer import _Writer
-    from diffsynth_edit.cache.manifest import CacheSettings
-
-    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    max_pixels = 1024 * 1024
-
-    # upstream
-    up_dir = work / "upstream"
+def upstream_timings(pipe, entries: list[dict], root: Path, up_dir: Path) -> tuple[list, list, list]:
+    """Upstream's `sft:data_process` per sample: (seconds, of which image loading, bytes), the first left out."""
     up_dir.mkdir(exist_ok=True)
     up_times, up_loads, up_bytes = [], [], []
-    for i, e in enumerate([] if args.skip_upstream else entries):
-        t, tl, b = upstream_sample(pipe, e, dataset.parent, up_dir / f"{i}.pth")
+    for i, e in enumerate(entries):
+        t, tl, b = upstream_sample(pipe, e, root, up_dir / f"{i}.pth")
         if i > 0:
             up_times.append(t), up_loads.append(tl), up_bytes.append(b)
+    return up_times, up_loads, up_bytes
 
-    # the workspace's loader (`load_pipeline`) runs single-frame VAE convs as 2D; upstream above ran diffsynth's own
-    # and the vision tower's windowed attention in one call per layer
-    from diffsynth_edit.speedups import exact_speedups
 
-    exact_speedups(pipe)
+def sequential_workspace(pipe, dataset: Path, work: Path, dtype_name: str, max_pixels: int, args, device: str
+                         ) -> tuple[list, list, str]:
+    """The workspace cache one sample at a time (hash + load + encode + atomic write): (seconds, bytes) per sample,
+    the first left out, and the --profile table."""
+    from diffsynth_edit.cache.config import TORCH_DTYPES, CacheConfig
+    from diffsynth_edit.cache.encoder import SampleEncoder
+    from diffsynth_edit.cache.manifest import CacheSettings
+    from diffsynth_edit.cache.samples import load_items
+    from diffsynth_edit.cache.writer import _Writer
 
-    if args.no_cudnn_sdp:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    # workspace, sequential
     cfg = CacheConfig(dataset=dataset, cache_dir=work / "cache_seq", dtype=dtype_name, max_pixels=max_pixels,
                       progress=False)
     cfg.validate()
@@ -327,8 +295,16 @@ def main(argv=None) -> int:
                         + avg.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
                         + "\n" + avg.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
                         + "\n```")
+    return ws_times, ws_bytes, profile_text
 
-    # workspace run_cache end to end (fresh folder each; the models are warm)
+
+def end_to_end_runs(pipe, dataset: Path, work: Path, n: int, size: int, dtype_name: str, max_pixels: int, args,
+                    device: str) -> tuple[list, DeviceTrace | None, list]:
+    """`run_cache` once per --batch-sizes entry, each in a fresh folder after a 1-sample warm-up run: (config,
+    summary, samples/s, bytes/sample) per run, the device trace and its runs."""
+    from diffsynth_edit.cache.config import CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
+
     e2e = []
     trace = DeviceTrace(device) if args.trace else None
     traced_runs = []
@@ -351,10 +327,14 @@ def main(argv=None) -> int:
                                 t_run, time.perf_counter(), trace.take()))
         e2e.append((cfg_e2e, summary, summary.encoded / summary.encode_seconds,
                     summary.bytes_on_disk / max(1, summary.encoded)))
+    return e2e, trace, traced_runs
 
+
+def report_lines(args, device: str, dtype: torch.dtype, size: int, n: int, t_build: float, up: tuple, ws: tuple,
+                 e2e: list, trace, traced_runs: list) -> list[str]:
+    up_times, up_loads, up_bytes = up
+    ws_times, ws_bytes = ws
     med = statistics.median
-    if args.skip_upstream:
-        up_times, up_loads, up_bytes = [float("nan")], [float("nan")], [0]
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     rows = [
         ("upstream diffsynth `sft:data_process` (units + `torch.save`, incl. image load)", med(up_times),
@@ -395,6 +375,55 @@ def main(argv=None) -> int:
                                          for _, summ, _, _ in e2e) + " |" for n in names]]
     if trace:
         lines += DeviceTrace.table([(r[0], r[3]) for r in traced_runs]) + DeviceTrace.gaps(traced_runs)
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    n = args.n or (3 if args.tiny else 8)
+    size = args.size or (128 if args.tiny else 1024)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny_meta:
+        args.tiny = True
+    dtype = torch.float32 if (args.tiny and device == "cpu") else torch.bfloat16
+    os.environ.setdefault("DIFFSYNTH_SKIP_DOWNLOAD", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = tempfile.TemporaryDirectory(prefix="bench_cache_")
+    work = Path(args.workdir or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if args.tiny_meta:
+        from diffsynth_edit.tiny import TinyQwenImageTextEncoder, TinyQwenImageVAE
+
+        pipe = build_full_pipeline(device, dtype, TinyQwenImageTextEncoder, TinyQwenImageVAE, tokenizer="bytes")
+    elif args.tiny:
+        pipe = build_tiny_pipeline(work / "tiny_models", device, dtype)
+    else:
+        pipe = build_full_pipeline(device, dtype, tokenizer=args.tokenizer)
+    pipe.scheduler.set_timesteps(1000, training=True)  # as upstream's switch_pipe_to_training_mode
+    t_build = time.perf_counter() - t0
+    dataset = make_samples(work / "data", n + 1, size)
+    entries = json.loads(dataset.read_text())
+
+    from diffsynth_edit.atomic import atomic_path  # noqa: F401  (the writer uses it)
+
+    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    max_pixels = 1024 * 1024
+    up = upstream_timings(pipe, [] if args.skip_upstream else entries, dataset.parent, work / "upstream")
+
+    # the workspace's loader (`load_pipeline`) runs single-frame VAE convs as 2D; upstream above ran diffsynth's own
+    # and the vision tower's windowed attention in one call per layer
+    from diffsynth_edit.speedups import exact_speedups
+
+    exact_speedups(pipe)
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    ws_times, ws_bytes, profile_text = sequential_workspace(pipe, dataset, work, dtype_name, max_pixels, args, device)
+    e2e, trace, traced_runs = end_to_end_runs(pipe, dataset, work, n, size, dtype_name, max_pixels, args, device)
+    if args.skip_upstream:
+        up = [float("nan")], [float("nan")], [0]
+    lines = report_lines(args, device, dtype, size, n, t_build, up, (ws_times, ws_bytes), e2e, trace, traced_runs)
     table = "\n".join(lines) + profile_text
     print(table)
     if os.environ.get("OUT"):

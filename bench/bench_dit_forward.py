@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -115,13 +116,20 @@ class Timer:
         return statistics.median(times), times, out, self.peak_gib()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def add_row(rows: list, label: str, median: float, times: list, peak, note: str = "") -> None:
+    rows.append({"case": label, "median_s": median, "min_s": min(times), "runs": len(times), "peak_gib": peak,
+                 "note": note})
+    print(f"{label}: median {median:.4f} s over {len(times)} ({', '.join(f'{t:.4f}' for t in times)})"
+          + (f", peak {peak:.1f} GiB" if peak is not None else "") + (f"; {note}" if note else ""), flush=True)
+
+
+def settle_args(args) -> tuple[str, torch.dtype] | None:
+    """The device and dtype, and the tiny or full-size defaults filled in; None when CUDA is asked for but absent."""
     tiny = args.tiny
     device = args.device or ("cpu" if tiny else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device; use --tiny for the CPU smoke test", file=sys.stderr)
-        return 2
+        return None
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     args.size = args.size or (128 if tiny else 1024)
     args.sub = args.sub or (64 if tiny else 512)
@@ -133,16 +141,156 @@ def main(argv=None) -> int:
     for side in (args.size, args.sub):
         if side % 16:
             raise SystemExit(f"sizes must be multiples of 16, got {side}")
+    return device, dtype
 
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+
+def trained_like_ste(dit, device: str):
+    """The STE with trained-like gates (a fresh STE is all ones; the cost is the same), fp32 as the editor keeps it."""
+    from diffsynth_edit.ste import STE
+
+    torch.manual_seed(0)
+    ste = STE.for_dit(dit)
+    for head in ste.heads:
+        torch.nn.init.normal_(head.weight, std=0.02)
+    return ste.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+
+def forward_cases(dit, ste, inp, args, timer: Timer, add, dtype: torch.dtype) -> tuple[float, float]:
+    """(a)-(c″): single forwards. Returns the max abs differences (a)-(b) and (a)-(b0)."""
     from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 
     from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
-    from diffsynth_edit.editing.editor import Editor, EditSettings, PreparedEdit
-    from diffsynth_edit.geometry import Box
-    from diffsynth_edit.ste import STE
 
+    tokens_sub = (args.sub // 16) ** 2
+    plain = DiTInputs(latents=inp.x, timestep=inp.t, prompt_emb=inp.emb, prompt_emb_mask=inp.mask,
+                      edit_latents=[inp.edit])
+    bridged = DiTInputs(latents=inp.x, timestep=inp.t, prompt_emb=inp.emb, prompt_emb_mask=inp.mask,
+                        edit_latents=[inp.edit], sub_latents=inp.sub, subyx=inp.subyx)
+
+    def upstream():
+        return model_fn_qwen_image(dit=dit, latents=inp.x, timestep=inp.t, prompt_emb=inp.emb,
+                                   prompt_emb_mask=inp.mask, height=args.size, width=args.size,
+                                   edit_latents=[inp.edit], zero_cond_t=True)
+
+    set_dit_activation(dit, "sigmoid-1.702")  # upstream's own MLP activation
+    med, times, out_a, peak = timer.run(upstream, args.warmup, args.repeats)
+    add("(a) upstream model_fn_qwen_image", med, times, peak)
+
+    def plain_fn():
+        return bridge_forward(dit, plain, zero_cond_t=True)[0]
+
+    med, times, out_b0, peak = timer.run(plain_fn, args.warmup, args.repeats)
+    diff = same_activation_diff = (out_a.float() - out_b0.float()).abs().max().item()
+    add("(b0) workspace bridge_forward, plain, upstream's sigmoid activation", med, times, peak,
+        f"max abs diff to (a): {diff:.3g} (same activation: any difference is the rest of the forward)")
+    set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's) from here on
+    med, times, out_b, peak = timer.run(plain_fn, args.warmup, args.repeats)
+    diff = (out_a.float() - out_b.float()).abs().max().item()
+    add("(b) workspace bridge_forward, plain (default tanh-GELU)", med, times, peak,
+        f"max abs diff to (a): {diff:.3g} (includes the activation change)")
+
+    def bridge_fn():
+        return bridge_forward(dit, bridged, ste=ste, zero_cond_t=True)
+
+    med, times, _, peak = timer.run(bridge_fn, args.warmup, args.repeats)
+    add(f"(c) workspace bridge_forward, bridge ({args.sub}² sub + STE)", med, times, peak,
+        f"+{tokens_sub} sub tokens; STE with fp32 weights, as the editor keeps it")
+
+    def bridge_no_ste():
+        return bridge_forward(dit, bridged, ste=None, zero_cond_t=True)
+
+    med, times, _, peak = timer.run(bridge_no_ste, args.warmup, args.repeats)
+    add("(c′) same token layout, no STE", med, times, peak, "isolates the STE's cost")
+
+    if dtype != torch.float32:
+        ste_low = copy.deepcopy(ste).to(dtype)
+
+        def bridge_low_ste():
+            return bridge_forward(dit, bridged, ste=ste_low, zero_cond_t=True)
+
+        med, times, _, peak = timer.run(bridge_low_ste, args.warmup, args.repeats)
+        add(f"(c″) as (c), STE weights in {str(dtype).replace('torch.', '')}", med, times, peak,
+            "STE attention on the fused kernels")
+    return diff, same_activation_diff
+
+
+def loop_cases(dit, ste, inp, args, timer: Timer, add, device: str, dtype: torch.dtype) -> None:
+    """(d)-(f): whole sampling loops, one timed run each."""
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+    from diffsynth.pipelines.qwen_image import model_fn_qwen_image
+
+    from diffsynth_edit.activation import set_dit_activation
+    from diffsynth_edit.editing.editor import Editor
+    from diffsynth_edit.editing.request import EditSettings, PreparedEdit
+    from diffsynth_edit.geometry import Box
+
+    pipe = types.SimpleNamespace(dit=dit, device=torch.device(device), torch_dtype=dtype)
+    h = w = args.size
+    prep = PreparedEdit(
+        source=_blank(w, h), references=[], mask=None, box=_centre_box(args, Box), edit_latents=[inp.edit],
+        prompt_emb=inp.emb, prompt_mask=inp.mask, nega_emb=inp.nega, nega_mask=inp.nega_mask,
+        mask_latent=torch.ones(1, 1, h // 8, w // 8, device=device))
+    settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, batch_cfg=True, seed=0)
+    editor = Editor(pipe, variant="2511")
+
+    def editor_loop():
+        return editor.sample(prep, settings)[0]
+
+    editor.predict(prep, inp.x.float(), None, 1000.0, args.cfg)  # warm-up step
+    med, times, _, peak = timer.run(editor_loop, 0, 1)
+    paired = inp.emb.shape[1] == inp.nega.shape[1]  # the editor batches the pair only at equal lengths
+    add(f"(d) workspace editor, {args.steps}-step CFG {args.cfg:g}, batch_cfg on, plain", med, times, peak,
+        f"{args.steps} DiT calls of batch 2" if paired else
+        f"{2 * args.steps} DiT calls of batch 1 (prompt lengths differ: the pair is not batched)")
+
+    if not args.skip_sequential_cfg:
+        sequential = EditSettings(steps=args.steps, cfg_scale=args.cfg, batch_cfg=False, seed=0)
+
+        def editor_loop_sequential():
+            return editor.sample(prep, sequential)[0]
+
+        med, times, _, peak = timer.run(editor_loop_sequential, 0, 1)
+        add(f"(d′) as (d), CFG not batched", med, times, peak, f"{2 * args.steps} DiT calls of batch 1")
+
+    scheduler = FlowMatchScheduler("Qwen-Image")
+
+    def upstream_loop():
+        scheduler.set_timesteps(args.steps, denoising_strength=1.0,
+                                dynamic_shift_len=(args.size // 16) * (args.size // 16))
+        gen = torch.Generator("cpu").manual_seed(0)
+        latents = torch.randn(1, 16, h // 8, w // 8, generator=gen).to(device=device, dtype=dtype)
+        for timestep in scheduler.timesteps:
+            ts = timestep.unsqueeze(0).to(dtype=dtype, device=device)
+            common = dict(dit=dit, latents=latents, timestep=ts, height=h, width=w,
+                          edit_latents=[inp.edit], zero_cond_t=True)
+            posi = model_fn_qwen_image(prompt_emb=inp.emb, prompt_emb_mask=inp.mask, **common)
+            nega = model_fn_qwen_image(prompt_emb=inp.nega, prompt_emb_mask=inp.nega_mask, **common)
+            pred = nega + args.cfg * (posi - nega)
+            latents = scheduler.step(pred, ts, latents)
+        return latents
+
+    set_dit_activation(dit, "sigmoid-1.702")  # upstream's own activation (the same cost)
+    med, times, _, peak = timer.run(upstream_loop, 0, 1)
+    set_dit_activation(dit, "gelu-tanh")
+    add(f"(e) upstream-style {args.steps}-step CFG {args.cfg:g} loop", med, times, peak,
+        f"{2 * args.steps} sequential model_fn calls")
+
+    if not args.skip_bridge_loop:
+        editor.ste = ste
+        editor.predict(prep, inp.x.float(), inp.sub.float(), 1000.0, args.cfg)
+        med, times, _, peak = timer.run(editor_loop, 0, 1)
+        add(f"(f) workspace editor, {args.steps}-step CFG {args.cfg:g}, batched CFG, bridge", med, times,
+            peak, f"{args.sub}² sub + STE")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settled = settle_args(args)
+    if settled is None:
+        return 2
+    device, dtype = settled
+    tiny = args.tiny
     timer = Timer(device)
     t_build = time.perf_counter()
     dit = build_tiny_dit(device, dtype) if tiny else build_full_dit(device, dtype)
@@ -151,130 +299,15 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in dit.parameters())
     text_dim = dit.txt_in.in_features
     inp = make_inputs(args, dit, device, dtype, text_dim)
-    torch.manual_seed(0)
-    ste = STE.for_dit(dit)
-    for head in ste.heads:  # trained-like gates (a fresh STE is all ones; the cost is the same)
-        torch.nn.init.normal_(head.weight, std=0.02)
-    ste = ste.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    ste = trained_like_ste(dit, device)
     tokens_main = (args.size // 16) ** 2
     tokens_sub = (args.sub // 16) ** 2
     rows = []
-
-    def add(label, median, times, peak, note=""):
-        rows.append({"case": label, "median_s": median, "min_s": min(times), "runs": len(times), "peak_gib": peak,
-                     "note": note})
-        print(f"{label}: median {median:.4f} s over {len(times)} ({', '.join(f'{t:.4f}' for t in times)})"
-              + (f", peak {peak:.1f} GiB" if peak is not None else "") + (f"; {note}" if note else ""), flush=True)
-
-    plain = DiTInputs(latents=inp.x, timestep=inp.t, prompt_emb=inp.emb, prompt_emb_mask=inp.mask,
-                      edit_latents=[inp.edit])
-    bridged = DiTInputs(latents=inp.x, timestep=inp.t, prompt_emb=inp.emb, prompt_emb_mask=inp.mask,
-                        edit_latents=[inp.edit], sub_latents=inp.sub, subyx=inp.subyx)
-
+    add = functools.partial(add_row, rows)
     with torch.no_grad():
-        def upstream():
-            return model_fn_qwen_image(dit=dit, latents=inp.x, timestep=inp.t, prompt_emb=inp.emb,
-                                       prompt_emb_mask=inp.mask, height=args.size, width=args.size,
-                                       edit_latents=[inp.edit], zero_cond_t=True)
-
-        set_dit_activation(dit, "sigmoid-1.702")  # upstream's own MLP activation
-        med, times, out_a, peak = timer.run(upstream, args.warmup, args.repeats)
-        add("(a) upstream model_fn_qwen_image", med, times, peak)
-
-        def plain_fn():
-            return bridge_forward(dit, plain, zero_cond_t=True)[0]
-
-        med, times, out_b0, peak = timer.run(plain_fn, args.warmup, args.repeats)
-        diff = same_activation_diff = (out_a.float() - out_b0.float()).abs().max().item()
-        add("(b0) workspace bridge_forward, plain, upstream's sigmoid activation", med, times, peak,
-            f"max abs diff to (a): {diff:.3g} (same activation: any difference is the rest of the forward)")
-        set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's) from here on
-        med, times, out_b, peak = timer.run(plain_fn, args.warmup, args.repeats)
-        diff = (out_a.float() - out_b.float()).abs().max().item()
-        add("(b) workspace bridge_forward, plain (default tanh-GELU)", med, times, peak,
-            f"max abs diff to (a): {diff:.3g} (includes the activation change)")
-
-        def bridge_fn():
-            return bridge_forward(dit, bridged, ste=ste, zero_cond_t=True)
-
-        med, times, _, peak = timer.run(bridge_fn, args.warmup, args.repeats)
-        add(f"(c) workspace bridge_forward, bridge ({args.sub}² sub + STE)", med, times, peak,
-            f"+{tokens_sub} sub tokens; STE with fp32 weights, as the editor keeps it")
-
-        def bridge_no_ste():
-            return bridge_forward(dit, bridged, ste=None, zero_cond_t=True)
-
-        med, times, _, peak = timer.run(bridge_no_ste, args.warmup, args.repeats)
-        add("(c′) same token layout, no STE", med, times, peak, "isolates the STE's cost")
-
-        if dtype != torch.float32:
-            ste_low = copy.deepcopy(ste).to(dtype)
-
-            def bridge_low_ste():
-                return bridge_forward(dit, bridged, ste=ste_low, zero_cond_t=True)
-
-            med, times, _, peak = timer.run(bridge_low_ste, args.warmup, args.repeats)
-            add(f"(c″) as (c), STE weights in {str(dtype).replace('torch.', '')}", med, times, peak,
-                "STE attention on the fused kernels")
-
+        diff, same_activation_diff = forward_cases(dit, ste, inp, args, timer, add, dtype)
         if not args.skip_loops:
-            pipe = types.SimpleNamespace(dit=dit, device=torch.device(device), torch_dtype=dtype)
-            h = w = args.size
-            prep = PreparedEdit(
-                source=_blank(w, h), references=[], mask=None, box=_centre_box(args, Box), edit_latents=[inp.edit],
-                prompt_emb=inp.emb, prompt_mask=inp.mask, nega_emb=inp.nega, nega_mask=inp.nega_mask,
-                mask_latent=torch.ones(1, 1, h // 8, w // 8, device=device))
-            settings = EditSettings(steps=args.steps, cfg_scale=args.cfg, batch_cfg=True, seed=0)
-            editor = Editor(pipe, variant="2511")
-
-            def editor_loop():
-                return editor.sample(prep, settings)[0]
-
-            editor.predict(prep, inp.x.float(), None, 1000.0, args.cfg)  # warm-up step
-            med, times, _, peak = timer.run(editor_loop, 0, 1)
-            paired = inp.emb.shape[1] == inp.nega.shape[1]  # the editor batches the pair only at equal lengths
-            add(f"(d) workspace editor, {args.steps}-step CFG {args.cfg:g}, batch_cfg on, plain", med, times, peak,
-                f"{args.steps} DiT calls of batch 2" if paired else
-                f"{2 * args.steps} DiT calls of batch 1 (prompt lengths differ: the pair is not batched)")
-
-            if not args.skip_sequential_cfg:
-                sequential = EditSettings(steps=args.steps, cfg_scale=args.cfg, batch_cfg=False, seed=0)
-
-                def editor_loop_sequential():
-                    return editor.sample(prep, sequential)[0]
-
-                med, times, _, peak = timer.run(editor_loop_sequential, 0, 1)
-                add(f"(d′) as (d), CFG not batched", med, times, peak, f"{2 * args.steps} DiT calls of batch 1")
-
-            scheduler = FlowMatchScheduler("Qwen-Image")
-
-            def upstream_loop():
-                scheduler.set_timesteps(args.steps, denoising_strength=1.0,
-                                        dynamic_shift_len=(args.size // 16) * (args.size // 16))
-                gen = torch.Generator("cpu").manual_seed(0)
-                latents = torch.randn(1, 16, h // 8, w // 8, generator=gen).to(device=device, dtype=dtype)
-                for timestep in scheduler.timesteps:
-                    ts = timestep.unsqueeze(0).to(dtype=dtype, device=device)
-                    common = dict(dit=dit, latents=latents, timestep=ts, height=h, width=w,
-                                  edit_latents=[inp.edit], zero_cond_t=True)
-                    posi = model_fn_qwen_image(prompt_emb=inp.emb, prompt_emb_mask=inp.mask, **common)
-                    nega = model_fn_qwen_image(prompt_emb=inp.nega, prompt_emb_mask=inp.nega_mask, **common)
-                    pred = nega + args.cfg * (posi - nega)
-                    latents = scheduler.step(pred, ts, latents)
-                return latents
-
-            set_dit_activation(dit, "sigmoid-1.702")  # upstream's own activation (the same cost)
-            med, times, _, peak = timer.run(upstream_loop, 0, 1)
-            set_dit_activation(dit, "gelu-tanh")
-            add(f"(e) upstream-style {args.steps}-step CFG {args.cfg:g} loop", med, times, peak,
-                f"{2 * args.steps} sequential model_fn calls")
-
-            if not args.skip_bridge_loop:
-                editor.ste = ste
-                editor.predict(prep, inp.x.float(), inp.sub.float(), 1000.0, args.cfg)
-                med, times, _, peak = timer.run(editor_loop, 0, 1)
-                add(f"(f) workspace editor, {args.steps}-step CFG {args.cfg:g}, batched CFG, bridge", med, times,
-                    peak, f"{args.sub}² sub + STE")
+            loop_cases(dit, ste, inp, args, timer, add, device, dtype)
 
     info = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)",

@@ -25,6 +25,150 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def compile_blocks(dit, on: bool) -> None:
+    """Every DiT block compiled (torch.compile) or back to eager."""
+    for block in dit.transformer_blocks:
+        if on:
+            block.compile()
+        else:
+            block._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def vae_section(a, device: str, dtype: torch.dtype, size: int, box: int) -> list[str]:
+    """(A): the VAE, diffsynth's against the single-frame 2D convolutions (+ the variants table)."""
+    from diffsynth.models.qwen_image_vae import QwenImageVAE
+
+    from diffsynth_edit import speedups
+
+    lines: list[str] = []
+
+    with torch.device(device):
+        ref = QwenImageVAE(base_dim=8, num_res_blocks=1) if a.tiny else QwenImageVAE()
+    ref = ref.to(dtype).eval().requires_grad_(False)
+    init_random_by_name_(ref)
+    fast = copy.deepcopy(ref)
+    patched = speedups.single_frame_vae(fast)
+    lines += [f"(A) VAE, {patched} convs run as 2D", "", "| case | diffsynth | single-frame 2D | speed-up | max abs diff |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for batch in (1, 4):
+            x = (torch.rand(batch, 3, size, size, generator=g, device=device) * 2 - 1).to(dtype)
+            t_ref, lat = timed(lambda: ref.encode(x), device, 2, a.repeats)
+            t_fast, lat2 = timed(lambda: fast.encode(x), device, 2, a.repeats)
+            lines.append(f"| encode {batch}×{size}² | {t_ref * 1e3:.1f} ms | {t_fast * 1e3:.1f} ms | "
+                         f"{t_ref / t_fast:.2f}x | {(lat - lat2).abs().max().item():.2e} |")
+        for s in (size, box):
+            z = torch.randn(1, 16, s // 8, s // 8, generator=g, device=device).to(dtype)
+            t_ref, img = timed(lambda: ref.decode(z), device, 2, a.repeats)
+            t_fast, img2 = timed(lambda: fast.decode(z), device, 2, a.repeats)
+            lines.append(f"| decode 1×{s}² | {t_ref * 1e3:.1f} ms | {t_fast * 1e3:.1f} ms | "
+                         f"{t_ref / t_fast:.2f}x | {(img - img2).abs().max().item():.2e} |")
+    if a.vae_variants:
+        lines += vae_variants(fast, device, dtype, size, a.repeats)
+    del ref, fast
+    lines.append("")
+    return lines
+
+
+def dit_section(a, device: str, dtype: torch.dtype, size: int, box: int) -> list[str]:
+    """(B): one bridge_forward, eager / compiled blocks / fp8 linears, SDPA default order or cuDNN first."""
+    from diffsynth_edit import speedups
+    from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
+    from diffsynth_edit.ste import STE
+
+    lines: list[str] = []
+
+    dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+    text_dim = dit.txt_in.in_features
+    ste = STE.for_dit(dit).to(device=device, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    lat = lambda h: torch.randn(1, 16, h // 8, h // 8, generator=g).to(device, dtype)  # noqa: E731
+    t0 = (box // 2) // 16
+    inputs = DiTInputs(latents=lat(size), timestep=torch.tensor([750.0], device=device),
+                       prompt_emb=(torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype),
+                       prompt_emb_mask=torch.ones(1, 256, dtype=torch.long, device=device),
+                       edit_latents=[lat(size)], sub_latents=lat(box),
+                       subyx=torch.tensor([[t0, t0 + box // 16, t0, t0 + box // 16]], device=device))
+
+    def forward():
+        with torch.no_grad():
+            return bridge_forward(dit, inputs, ste=ste, zero_cond_t=True)[0]
+
+    def cudnn_forward():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH], set_priority=True):
+            return forward()
+
+    rows, profiles = [], []
+    t, base = timed(forward, device, 2, a.repeats)
+    rows.append(("eager, SDPA default order", t, 0.0))
+    t, out = timed(cudnn_forward, device, 2, a.repeats)
+    rows.append(("eager, cuDNN attention first", t, rel_err(out, base)))
+
+    if a.profile and device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        for label, fn in (("default order", forward), ("cuDNN first", cudnn_forward)):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                sync(device)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+            profiles.append(f"Kernels of one eager forward, SDPA {label}:\n\n```\n{table}\n```")
+
+    if not a.skip_compile:
+        compile_blocks(dit, True)
+        t, out = timed(cudnn_forward, device, 2, a.repeats)
+        rows.append(("compiled blocks, cuDNN attention first", t, rel_err(out, base)))
+        t, out = timed(forward, device, 1, a.repeats)
+        rows.append(("compiled blocks, SDPA default order", t, rel_err(out, base)))
+        compile_blocks(dit, False)
+    if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
+        n = speedups.quantize_dit_fp8(dit)
+        t, out = timed(cudnn_forward, device, 2, a.repeats)
+        rows.append((f"eager, cuDNN attention first, fp8 linears ({n})", t, rel_err(out, base)))
+        if not a.skip_compile:
+            compile_blocks(dit, True)
+            t, out = timed(cudnn_forward, device, 2, a.repeats)
+            rows.append((f"compiled blocks, cuDNN attention first, fp8 linears", t, rel_err(out, base)))
+    n_tok = (size // 16) ** 2 * 2 + (box // 16) ** 2
+    lines += [f"(B) one bridge_forward: {n_tok} image tokens + 256 text tokens, STE routed, zero_cond_t", "",
+              "| case | s / forward | rel. error vs first row |", "| --- | ---: | ---: |"]
+    lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.2e} |" for r in rows]
+    if device == "cuda":
+        lines.append(f"\npeak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+    lines += [""] + profiles
+    del dit, ste
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return lines
+
+
+def sdpa_section(a, device: str, dtype: torch.dtype, size: int, box: int) -> list[str]:
+    """(D): one attention call of the full sequence on each SDPA backend (CUDA only)."""
+    lines: list[str] = []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n_tok = (size // 16) ** 2 * 2 + (box // 16) ** 2 + 256
+    q, k, v = (torch.randn(1, 24, n_tok, 128, device=device, dtype=dtype) for _ in range(3))
+    lines += ["", f"(D) one attention call, [1, 24, {n_tok}, 128] bf16", "", "| backend | ms | TFLOP/s |",
+              "| --- | ---: | ---: |"]
+    flops = 4 * n_tok * n_tok * 128 * 24
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                t, _ = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, 3,
+                             a.repeats * 4)
+            lines.append(f"| {backend.name} | {t * 1e3:.2f} | {flops / t / 1e12:.0f} |")
+        except RuntimeError as e:
+            lines.append(f"| {backend.name} | unavailable: {str(e)[:80]} | |")
+    del q, k, v
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
@@ -47,133 +191,12 @@ def main() -> int:
         torch.backends.cudnn.benchmark = True
     lines = [f"Card: {name}; torch {torch.__version__}; bf16; median of {a.repeats} after warm-ups", ""]
 
-    from diffsynth_edit import speedups
-
     if not a.skip_vae:
-        from diffsynth.models.qwen_image_vae import QwenImageVAE
-
-        with torch.device(device):
-            ref = QwenImageVAE(base_dim=8, num_res_blocks=1) if a.tiny else QwenImageVAE()
-        ref = ref.to(dtype).eval().requires_grad_(False)
-        init_random_by_name_(ref)
-        fast = copy.deepcopy(ref)
-        patched = speedups.single_frame_vae(fast)
-        lines += [f"(A) VAE, {patched} convs run as 2D", "", "| case | diffsynth | single-frame 2D | speed-up | max abs diff |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        g = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for batch in (1, 4):
-                x = (torch.rand(batch, 3, size, size, generator=g, device=device) * 2 - 1).to(dtype)
-                t_ref, lat = timed(lambda: ref.encode(x), device, 2, a.repeats)
-                t_fast, lat2 = timed(lambda: fast.encode(x), device, 2, a.repeats)
-                lines.append(f"| encode {batch}×{size}² | {t_ref * 1e3:.1f} ms | {t_fast * 1e3:.1f} ms | "
-                             f"{t_ref / t_fast:.2f}x | {(lat - lat2).abs().max().item():.2e} |")
-            for s in (size, box):
-                z = torch.randn(1, 16, s // 8, s // 8, generator=g, device=device).to(dtype)
-                t_ref, img = timed(lambda: ref.decode(z), device, 2, a.repeats)
-                t_fast, img2 = timed(lambda: fast.decode(z), device, 2, a.repeats)
-                lines.append(f"| decode 1×{s}² | {t_ref * 1e3:.1f} ms | {t_fast * 1e3:.1f} ms | "
-                             f"{t_ref / t_fast:.2f}x | {(img - img2).abs().max().item():.2e} |")
-        if a.vae_variants:
-            lines += vae_variants(fast, device, dtype, size, a.repeats)
-        del ref, fast
-        lines.append("")
-
+        lines += vae_section(a, device, dtype, size, box)
     if not a.skip_dit:
-        from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
-        from diffsynth_edit.ste import STE
-
-        dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
-        text_dim = dit.txt_in.in_features
-        ste = STE.for_dit(dit).to(device=device, dtype=torch.float32).eval()
-        g = torch.Generator().manual_seed(0)
-        lat = lambda h: torch.randn(1, 16, h // 8, h // 8, generator=g).to(device, dtype)  # noqa: E731
-        t0 = (box // 2) // 16
-        inputs = DiTInputs(latents=lat(size), timestep=torch.tensor([750.0], device=device),
-                           prompt_emb=(torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype),
-                           prompt_emb_mask=torch.ones(1, 256, dtype=torch.long, device=device),
-                           edit_latents=[lat(size)], sub_latents=lat(box),
-                           subyx=torch.tensor([[t0, t0 + box // 16, t0, t0 + box // 16]], device=device))
-
-        def forward():
-            with torch.no_grad():
-                return bridge_forward(dit, inputs, ste=ste, zero_cond_t=True)[0]
-
-        def cudnn_forward():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                              SDPBackend.MATH], set_priority=True):
-                return forward()
-
-        rows, profiles = [], []
-        t, base = timed(forward, device, 2, a.repeats)
-        rows.append(("eager, SDPA default order", t, 0.0))
-        t, out = timed(cudnn_forward, device, 2, a.repeats)
-        rows.append(("eager, cuDNN attention first", t, rel_err(out, base)))
-
-        if a.profile and device == "cuda":
-            from torch.profiler import ProfilerActivity, profile
-
-            for label, fn in (("default order", forward), ("cuDNN first", cudnn_forward)):
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    fn()
-                    sync(device)
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
-                profiles.append(f"Kernels of one eager forward, SDPA {label}:\n\n```\n{table}\n```")
-
-        def compile_blocks(on: bool):
-            for block in dit.transformer_blocks:
-                if on:
-                    block.compile()
-                else:
-                    block._compiled_call_impl = None
-            torch._dynamo.reset()
-
-        if not a.skip_compile:
-            compile_blocks(True)
-            t, out = timed(cudnn_forward, device, 2, a.repeats)
-            rows.append(("compiled blocks, cuDNN attention first", t, rel_err(out, base)))
-            t, out = timed(forward, device, 1, a.repeats)
-            rows.append(("compiled blocks, SDPA default order", t, rel_err(out, base)))
-            compile_blocks(False)
-        if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
-            n = speedups.quantize_dit_fp8(dit)
-            t, out = timed(cudnn_forward, device, 2, a.repeats)
-            rows.append((f"eager, cuDNN attention first, fp8 linears ({n})", t, rel_err(out, base)))
-            if not a.skip_compile:
-                compile_blocks(True)
-                t, out = timed(cudnn_forward, device, 2, a.repeats)
-                rows.append((f"compiled blocks, cuDNN attention first, fp8 linears", t, rel_err(out, base)))
-        n_tok = (size // 16) ** 2 * 2 + (box // 16) ** 2
-        lines += [f"(B) one bridge_forward: {n_tok} image tokens + 256 text tokens, STE routed, zero_cond_t", "",
-                  "| case | s / forward | rel. error vs first row |", "| --- | ---: | ---: |"]
-        lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.2e} |" for r in rows]
-        if device == "cuda":
-            lines.append(f"\npeak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
-        lines += [""] + profiles
-        del dit, ste
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
+        lines += dit_section(a, device, dtype, size, box)
     if not a.skip_sdpa and device == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        n_tok = (size // 16) ** 2 * 2 + (box // 16) ** 2 + 256
-        q, k, v = (torch.randn(1, 24, n_tok, 128, device=device, dtype=dtype) for _ in range(3))
-        lines += ["", f"(D) one attention call, [1, 24, {n_tok}, 128] bf16", "", "| backend | ms | TFLOP/s |",
-                  "| --- | ---: | ---: |"]
-        flops = 4 * n_tok * n_tok * 128 * 24
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-            try:
-                with sdpa_kernel([backend]):
-                    t, _ = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), device, 3,
-                                 a.repeats * 4)
-                lines.append(f"| {backend.name} | {t * 1e3:.2f} | {flops / t / 1e12:.0f} |")
-            except RuntimeError as e:
-                lines.append(f"| {backend.name} | unavailable: {str(e)[:80]} | |")
-        del q, k, v
-
+        lines += sdpa_section(a, device, dtype, size, box)
     if not a.skip_te:
         lines += te_breakdown(a, device, dtype, size)
     write_report("\n".join(lines), "kernels.md")

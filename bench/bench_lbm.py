@@ -13,89 +13,65 @@ Writes $OUT/lbm.md.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 from PIL import Image
 
-from harness import (build_full_dit, build_full_pipeline, build_tiny_dit, build_tiny_pipeline, strip_lora, sync,
-                     time_steps, tokenizer_choice, write_report)
+from harness import (bench_parser, build_full_dit, build_full_pipeline, build_tiny_dit, build_tiny_pipeline,
+                     device_and_dtype, device_name, release_lora, sync, time_steps, tokenizer_choice,
+                     workspace_training, write_report)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--skip-compile", action="store_true")
-    p.add_argument("--profile-prepare", action="store_true",
-                   help="op table of one eager prepare, prepare with/without the VAE side stream")
-    p.add_argument("--ste-all-rows", action="store_true",
-                   help="also time the compiled + fp8 4-step edit with the STE computing every token's gate (before)")
-    p.add_argument("--tokenizer", default="auto", choices=("auto", "qwen", "bytes"),
-                   help="text tokens: Qwen's real BPE (bench/fetch_qwen_tokenizer.sh), byte-level, or qwen if fetched")
-    a = p.parse_args()
-    device = "cpu" if a.tiny else "cuda"
-    dtype = torch.float32 if a.tiny else torch.bfloat16
-    size, box = (64, 32) if a.tiny else (1024, 512)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    rows = []
-    dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
-
-    from diffsynth_edit.ste import STE
+def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) -> list[tuple]:
+    """(1): one LBM optimizer step with fp32 trainables, or bf16 when fp32 runs out of memory."""
+    from diffsynth_edit.training.config import TrainConfig
+    from diffsynth_edit.training.losses import make_lbm_inputs
     from diffsynth_edit.variants import LORA_TARGETS_2511
 
-    if not a.skip_train:
-        from diffsynth_edit.training.config import TrainConfig
-        from diffsynth_edit.training.lora import inject_lora
-        from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
-        from diffsynth_edit.training.losses import make_lbm_inputs
+    text_dim = 64 if a.tiny else 3584
+    g = torch.Generator().manual_seed(0)
+    lat = lambda h, w: torch.randn(1, 16, h // 8, w // 8, generator=g).to(device, dtype)  # noqa: E731
+    t0 = (box // 2) // 16
+    batch = {"ids": ["x"], "input_latents": lat(size, size), "edit_latents": [lat(size, size)],
+             "sub_input_latents": lat(box, box), "sub_noise": lat(box, box),
+             "prompt_emb": (torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype),
+             "prompt_emb_mask": torch.ones(1, 256, dtype=torch.long, device=device),
+             "subyx": torch.tensor([[t0, t0 + box // 16, t0, t0 + box // 16]], device=device)}
+    rank = 8 if a.tiny else 512
+    rows = []
+    for tdtype in (torch.float32, torch.bfloat16):
+        cfg = TrainConfig(objective="lbm", mode="bridge", lora_rank=rank, optimizer="prodigy")
+        model, optim, params, ste = workspace_training(dit, cfg, LORA_TARGETS_2511, tdtype, device)
+        gens = [torch.Generator().manual_seed(1)]
 
-        text_dim = 64 if a.tiny else 3584
-        g = torch.Generator().manual_seed(0)
-        lat = lambda h, w: torch.randn(1, 16, h // 8, w // 8, generator=g).to(device, dtype)  # noqa: E731
-        t0 = (box // 2) // 16
-        batch = {"ids": ["x"], "input_latents": lat(size, size), "edit_latents": [lat(size, size)],
-                 "sub_input_latents": lat(box, box), "sub_noise": lat(box, box),
-                 "prompt_emb": (torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype),
-                 "prompt_emb_mask": torch.ones(1, 256, dtype=torch.long, device=device),
-                 "subyx": torch.tensor([[t0, t0 + box // 16, t0, t0 + box // 16]], device=device)}
-        rank = 8 if a.tiny else 512
-        for tdtype in (torch.float32, torch.bfloat16):
-            cfg = TrainConfig(objective="lbm", mode="bridge", lora_rank=rank, optimizer="prodigy")
-            params = inject_lora(dit, rank, float(rank), LORA_TARGETS_2511, tdtype)
-            ste = STE.for_dit(dit).to(device=device, dtype=tdtype)
-            params += list(ste.parameters())
-            model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)
-            optim = build_optimizer(cfg, params)
-            gens = [torch.Generator().manual_seed(1)]
+        def step():
+            noised = make_lbm_inputs(batch, gens, True, cfg.lbm_grid, None, cfg.bridge_sigma)
+            loss, _, _ = model(batch, noised)
+            loss.backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
 
-            def step():
-                noised = make_lbm_inputs(batch, gens, True, cfg.lbm_grid, None, cfg.bridge_sigma)
-                loss, _, _ = model(batch, noised)
-                loss.backward()
-                optim.step()
-                optim.zero_grad(set_to_none=True)
+        label = f"LBM training step: bridge + STE, rank {rank}, 17 targets, Prodigy, {str(tdtype)[6:]} trainables"
+        try:
+            med, peak, _ = time_steps(step, device, 2, a.repeats)
+            rows.append((label, f"{med:.3f} s", f"{peak:.1f}"))
+            done = True
+        except torch.OutOfMemoryError:
+            rows.append((label, "out of memory", "—"))
+            done = False
+        del optim, model, params, ste
+        release_lora(dit, device)
+        if done:
+            break
+    return rows
 
-            label = f"LBM training step: bridge + STE, rank {rank}, 17 targets, Prodigy, {str(tdtype)[6:]} trainables"
-            try:
-                med, peak, _ = time_steps(step, device, 2, a.repeats)
-                rows.append((label, f"{med:.3f} s", f"{peak:.1f}"))
-                done = True
-            except torch.OutOfMemoryError:
-                rows.append((label, "out of memory", "—"))
-                done = False
-            del optim, model, params, ste
-            strip_lora(dit)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            if done:
-                break
 
-    # ---- end-to-end edits --------------------------------------------------------------------------------------
-    from diffsynth_edit.editing.editor import EditRequest, EditSettings, Editor
+def bridge_editor(dit, a, device: str, dtype: torch.dtype):
+    """The workspace editor over the full-size (or tiny) text encoder and VAE and `dit`, bridge mode with an STE."""
+    from diffsynth_edit.editing.editor import Editor
+    from diffsynth_edit.ste import STE
 
     if a.tiny:
         import tempfile
@@ -109,39 +85,65 @@ def main() -> int:
         exact_speedups(pipe)  # as the workspace loader does
     pipe.dit = dit
     ste = STE.for_dit(dit).to(device=device, dtype=torch.float32).eval()
-    editor = Editor(pipe, variant="2511", ste=ste)
+    return Editor(pipe, variant="2511", ste=ste)
+
+
+def timed_edit(editor, request, steps: int, label: str, device: str, repeats: int) -> tuple:
+    """(2): the median end-to-end edit after 2 warm-ups, and the same edit in its parts (prepare: prompt + VAE
+    encode; DiT steps; decode of main + sub)."""
+    from diffsynth_edit.editing.request import EditSettings
+    from diffsynth_edit.encoding import vae_decode
+
+    settings = EditSettings(sampler="lbm", steps=steps, cfg_scale=1.0)
+    for _ in range(2):
+        editor.edit(request, settings)
+    times, parts = [], []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        editor.edit(request, settings)
+        sync(device)
+        times.append(time.perf_counter() - t)
+        marks = [time.perf_counter()]
+        prep = editor.prepare(request, settings)
+        sync(device), marks.append(time.perf_counter())
+        x, x_sub = editor.sample(prep, settings)
+        sync(device), marks.append(time.perf_counter())
+        vae_decode(editor.pipe, x), vae_decode(editor.pipe, x_sub)
+        sync(device), marks.append(time.perf_counter())
+        parts.append([b - a_ for a_, b in zip(marks, marks[1:])])
+    split = " / ".join(f"{statistics.median(p[i] for p in parts):.3f}" for i in range(3))
+    return (label + f", {steps} step{'s' if steps > 1 else ''}", f"{statistics.median(times):.3f} s",
+            split, f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device == "cuda" else "—")
+
+
+def main() -> int:
+    p = bench_parser(warmup=None)
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--profile-prepare", action="store_true",
+                   help="op table of one eager prepare, prepare with/without the VAE side stream")
+    p.add_argument("--ste-all-rows", action="store_true",
+                   help="also time the compiled + fp8 4-step edit with the STE computing every token's gate (before)")
+    p.add_argument("--tokenizer", default="auto", choices=("auto", "qwen", "bytes"),
+                   help="text tokens: Qwen's real BPE (bench/fetch_qwen_tokenizer.sh), byte-level, or qwen if fetched")
+    a = p.parse_args()
+    device, dtype = device_and_dtype(a.tiny)
+    size, box = (64, 32) if a.tiny else (1024, 512)
+    name = device_name(device)
+    dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+    rows = [] if a.skip_train else training_rows(dit, a, device, dtype, size, box)
+
+    # ---- end-to-end edits --------------------------------------------------------------------------------------
+    from diffsynth_edit.editing.request import EditRequest, EditSettings
+    from diffsynth_edit.ste import STE
+
+    editor = bridge_editor(dit, a, device, dtype)
     src = Image.new("RGB", (size, size), (120, 160, 200))
     mask = Image.new("L", (size, size), 0)
     mask.paste(255, ((size - box) // 2 + 4, (size - box) // 2 + 4, (size + box) // 2 - 4, (size + box) // 2 - 4))
     request = EditRequest(image=src, prompt="Picture 1 is the image to modify. Replace the object with a red cube.",
                           mask=mask)
-
-    from diffsynth_edit.encoding import vae_decode
-
-    def timed_edit(steps, label):
-        settings = EditSettings(sampler="lbm", steps=steps, cfg_scale=1.0)
-        for _ in range(2):
-            editor.edit(request, settings)
-        times, parts = [], []
-        for _ in range(a.repeats):
-            sync(device)
-            t = time.perf_counter()
-            editor.edit(request, settings)
-            sync(device)
-            times.append(time.perf_counter() - t)
-            # the same edit in its parts: prepare (prompt + VAE encode), DiT steps, decode main + sub
-            marks = [time.perf_counter()]
-            prep = editor.prepare(request, settings)
-            sync(device), marks.append(time.perf_counter())
-            x, x_sub = editor.sample(prep, settings)
-            sync(device), marks.append(time.perf_counter())
-            vae_decode(editor.pipe, x), vae_decode(editor.pipe, x_sub)
-            sync(device), marks.append(time.perf_counter())
-            parts.append([b - a_ for a_, b in zip(marks, marks[1:])])
-        split = " / ".join(f"{statistics.median(p[i] for p in parts):.3f}" for i in range(3))
-        rows.append((label + f", {steps} step{'s' if steps > 1 else ''}", f"{statistics.median(times):.3f} s",
-                     split, f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device == "cuda" else "—"))
-
     extra: list[str] = []
     with torch.no_grad():
         prep = editor.prepare(request, EditSettings(sampler="lbm", steps=1, cfg_scale=1.0))
@@ -150,16 +152,18 @@ def main() -> int:
         if a.profile_prepare:
             extra += profile_prepare(editor, request, device, a.repeats)
         for steps in (1, 4):
-            timed_edit(steps, "end-to-end LBM edit, eager")
+            rows.append(timed_edit(editor, request, steps, "end-to-end LBM edit, eager", device, a.repeats))
         if not a.skip_compile:
             editor.speed_up(compile_blocks=True)
             for steps in (1, 4):
-                timed_edit(steps, "end-to-end LBM edit, compiled blocks")
+                rows.append(timed_edit(editor, request, steps, "end-to-end LBM edit, compiled blocks", device,
+                                       a.repeats))
         if device == "cuda" and torch.cuda.get_device_capability() >= (8, 9):
             editor.speed_up(fp8=True)
             for steps in (1, 4):
-                timed_edit(steps, "end-to-end LBM edit, compiled blocks + fp8 linears" if not a.skip_compile
-                           else "end-to-end LBM edit, eager + fp8 linears")
+                label = ("end-to-end LBM edit, compiled blocks + fp8 linears" if not a.skip_compile
+                         else "end-to-end LBM edit, eager + fp8 linears")
+                rows.append(timed_edit(editor, request, steps, label, device, a.repeats))
             if a.ste_all_rows:  # before: the STE computed every token's gate and the DiT kept the sub tokens' ones
                 from diffsynth_edit.ste import straight_through_gate
 
@@ -167,7 +171,8 @@ def main() -> int:
                     return straight_through_gate(self.logits(h, block_index))[:, rows]
 
                 original, STE.forward = STE.forward, all_rows
-                timed_edit(4, "same, STE gate computed for every token (before)")
+                rows.append(timed_edit(editor, request, 4, "same, STE gate computed for every token (before)",
+                                       device, a.repeats))
                 STE.forward = original
 
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² source with a {box}² mask box (sub stream), bf16; "
@@ -181,7 +186,7 @@ def main() -> int:
 
 def profile_prepare(editor, request, device: str, repeats: int) -> list[str]:
     """`Editor.prepare` timed with and without the VAE side stream, and one profiled call's op table."""
-    from diffsynth_edit.editing.editor import EditSettings
+    from diffsynth_edit.editing.request import EditSettings
 
     from diffsynth_edit import encoding
     from harness import timed as timed_median

@@ -16,51 +16,29 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights inclu
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from harness import build_full_dit, build_tiny_dit, strip_lora, time_steps, write_report
+from harness import (bench_parser, build_full_dit, build_tiny_dit, device_and_dtype, device_name, fixed_noised_batch,
+                     release_lora, time_steps, train_inputs, upstream_training, workspace_training, write_report)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p = bench_parser()
     p.add_argument("--skip-b", action="store_true")
     a = p.parse_args()
-    device = "cpu" if a.tiny else "cuda"
-    dtype = torch.float32 if a.tiny else torch.bfloat16
-    size, sub, text_dim = (64, 32, 64) if a.tiny else (1024, 512, 3584)
+    device, dtype = device_and_dtype(a.tiny)
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
     from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
 
-    g = torch.Generator().manual_seed(0)
-    lat = lambda h, w: torch.randn(1, 16, h // 8, w // 8, generator=g).to(device, dtype)  # noqa: E731
-    x0, edit, sub0, white = lat(size, size), lat(size, size), lat(sub, sub), lat(sub, sub)
-    emb = (torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype)
-    mask = torch.ones(1, 256, dtype=torch.long, device=device)
-    t0 = (sub // 2) // 16
-    subyx = torch.tensor([[t0, t0 + sub // 16, t0, t0 + sub // 16]], device=device)
+    x = train_inputs(a.tiny, device, dtype, spare_latent=True)
     rows = []
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    name = device_name(device)
 
     # (a) upstream training module
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
-    from diffsynth.diffusion.training_module import DiffusionTrainingModule
-    from diffsynth.pipelines.qwen_image import QwenImagePipeline
 
-    pipe = QwenImagePipeline(device=device, torch_dtype=dtype)
-    pipe.dit = dit
-    tm = DiffusionTrainingModule()
-    tm.pipe = pipe
-    set_dit_activation(dit, "sigmoid-1.702")  # upstream trains under its own activation
-    tm.switch_pipe_to_training_mode(pipe, None, "dit", ",".join(LORA_TARGETS_UPSTREAM), 32)
-    opt = torch.optim.AdamW(tm.trainable_modules(), lr=1e-4)
-    inputs = {"input_latents": x0, "edit_latents": [edit], "prompt_emb": emb, "prompt_emb_mask": mask,
-              "height": size, "width": size, "use_gradient_checkpointing": True, "zero_cond_t": True, "cfg_scale": 1}
+    pipe, tm, opt, inputs = upstream_training(dit, device, dtype, x)
 
     def upstream_step():
         loss = FlowMatchSFTLoss(pipe, **inputs)
@@ -72,31 +50,16 @@ def main() -> int:
     n_up = sum(p.numel() for p in tm.trainable_modules())
     rows.append(("(a) upstream training module: plain, rank 32, 12 targets, AdamW, bf16 LoRA", med, peak, n_up))
     del opt, tm
-    strip_lora(dit)
+    release_lora(dit, device)
     set_dit_activation(dit, "gelu-tanh")  # the workspace default from here on
-    torch.cuda.empty_cache() if device == "cuda" else None
 
-    from diffsynth_edit.ste import STE
     from diffsynth_edit.training.config import TrainConfig
-    from diffsynth_edit.training.lora import inject_lora
-    from diffsynth_edit.training.losses import NoisedBatch
-    from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
 
     def workspace_case(label, mode, rank, targets, optimizer, tdtype):
         cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
                           learning_rate=1e-4 if optimizer == "adamw" else 1.0)
-        params = inject_lora(dit, rank, float(rank), targets, tdtype)
-        ste = None
-        if mode == "bridge":
-            ste = STE.for_dit(dit).to(device=device, dtype=tdtype)
-            params += list(ste.parameters())
-        model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)
-        optim = build_optimizer(cfg, params)
-        batch = {"prompt_emb": emb, "prompt_emb_mask": mask, "edit_latents": [edit], "subyx": subyx,
-                 "input_latents": x0}
-        noised = NoisedBatch(latents=x0.float(), sub_latents=sub0.float(), target=x0.float(),
-                             sub_target=sub0.float(), timestep=torch.tensor([500.0], device=device),
-                             weight=torch.ones(1, device=device), s=torch.tensor([0.5], device=device))
+        model, optim, params, _ = workspace_training(dit, cfg, targets, tdtype, device)
+        batch, noised = fixed_noised_batch(x, device)
 
         def step():
             loss, _, _ = model(batch, noised)
@@ -112,9 +75,7 @@ def main() -> int:
             rows.append((label + " — out of memory", float("nan"), float("nan"), sum(p.numel() for p in params)))
             ok = False
         del optim, model, params
-        strip_lora(dit)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        release_lora(dit, device)
         return ok
 
     workspace_case("(a') workspace: plain, rank 32, 12 targets, AdamW, fp32 LoRA", "plain", 32,
@@ -129,8 +90,8 @@ def main() -> int:
             workspace_case(f"(b) workspace default: bridge + STE, rank {rank}, 17 targets, Prodigy, bf16 trainables",
                            "bridge", rank, LORA_TARGETS_2511, "prodigy", torch.bfloat16)
 
-    lines = [f"Card: {name}; torch {torch.__version__}; {size}² target + one {size}² reference, 256 text tokens, "
-             f"{sub}² sub box in bridge mode; median of {a.repeats} steps after {a.warmup} warm-ups", "",
+    lines = [f"Card: {name}; torch {torch.__version__}; {x.size}² target + one {x.size}² reference, 256 text tokens, "
+             f"{x.sub}² sub box in bridge mode; median of {a.repeats} steps after {a.warmup} warm-ups", "",
              "| case | s / optimizer step / sample | peak GiB | trainable params |", "| --- | --- | --- | --- |"]
     for label, med, peak, n in rows:
         lines.append(f"| {label} | {med:.3f} | {peak:.1f} | {n / 1e6:.1f} M |")

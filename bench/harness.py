@@ -1,4 +1,6 @@
-"""What the benchmarks share: random-weight models at full and tiny size, timing, and writing the report.
+"""What the benchmarks share: random-weight models at full and tiny size, the common flags and device choice, the
+training benchmarks' sample and set-ups (upstream's training module, the workspace trainer's model), timing, and
+writing the report.
 
 Each `bench_*.py` is a script over this module (run from the repository root as `python bench/bench_x.py`; the
 script's folder is on `sys.path`, so `import harness` works). Full-size models are built on the meta device and
@@ -6,9 +8,11 @@ materialised in the target dtype with random weights: no checkpoint is read.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -163,6 +167,121 @@ def build_tiny_pipeline(root: Path, device: str, dtype: torch.dtype):
     write_tiny_model(root)
     return load_pipeline(ModelSources(model_root=root), components=("text_encoder", "vae", "tokenizer", "processor"),
                          device=device, torch_dtype=dtype)
+
+
+# ---- arguments -------------------------------------------------------------------------------------------------------
+def bench_parser(repeats: int = 5, warmup: int | None = 2) -> argparse.ArgumentParser:
+    """The flags the model benchmarks share: --tiny (CPU smoke test), --repeats and, unless `warmup` is None,
+    --warmup."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--repeats", type=int, default=repeats)
+    if warmup is not None:
+        p.add_argument("--warmup", type=int, default=warmup)
+    return p
+
+
+def device_and_dtype(tiny: bool) -> tuple[str, torch.dtype]:
+    """--tiny: fp32 on the CPU; else bf16 on CUDA."""
+    return ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+# ---- training workloads ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainInputs:
+    """One cached training sample at batch 1 (random): a size² target and reference, a sub² box in the middle, 256
+    text tokens."""
+
+    size: int
+    sub: int
+    x0: torch.Tensor
+    edit: torch.Tensor
+    sub0: torch.Tensor
+    emb: torch.Tensor
+    mask: torch.Tensor
+    subyx: torch.Tensor
+
+
+def train_inputs(tiny: bool, device: str, dtype: torch.dtype, spare_latent: bool = False) -> TrainInputs:
+    """The training benchmarks' sample: 1024² target and reference, 512² sub box (tiny: 64², 32²). `spare_latent`
+    draws one more sub-sized latent before the text embedding (bench_train_step's random stream)."""
+    size, sub, text_dim = (64, 32, 64) if tiny else (1024, 512, 3584)
+    g = torch.Generator().manual_seed(0)
+    lat = lambda h, w: torch.randn(1, 16, h // 8, w // 8, generator=g).to(device, dtype)  # noqa: E731
+    x0, edit, sub0 = lat(size, size), lat(size, size), lat(sub, sub)
+    if spare_latent:
+        lat(sub, sub)
+    emb = (torch.randn(1, 256, text_dim, generator=g) * 0.5).to(device, dtype)
+    mask = torch.ones(1, 256, dtype=torch.long, device=device)
+    t0 = (sub // 2) // 16
+    subyx = torch.tensor([[t0, t0 + sub // 16, t0, t0 + sub // 16]], device=device)
+    return TrainInputs(size, sub, x0, edit, sub0, emb, mask, subyx)
+
+
+def upstream_training(dit, device: str, dtype: torch.dtype, x: TrainInputs):
+    """Upstream diffsynth's training module on `dit` (peft LoRA rank 32 on its 12 targets, its own activation) with
+    AdamW: (pipe, training module, optimizer, the `FlowMatchSFTLoss` keyword arguments of one step)."""
+    from diffsynth.diffusion.training_module import DiffusionTrainingModule
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    from diffsynth_edit.activation import set_dit_activation
+    from diffsynth_edit.variants import LORA_TARGETS_UPSTREAM
+
+    pipe = QwenImagePipeline(device=device, torch_dtype=dtype)
+    pipe.dit = dit
+    tm = DiffusionTrainingModule()
+    tm.pipe = pipe
+    set_dit_activation(dit, "sigmoid-1.702")  # upstream trains under its own activation
+    tm.switch_pipe_to_training_mode(pipe, None, "dit", ",".join(LORA_TARGETS_UPSTREAM), 32)
+    opt = torch.optim.AdamW(tm.trainable_modules(), lr=1e-4)
+    inputs = {"input_latents": x.x0, "edit_latents": [x.edit], "prompt_emb": x.emb, "prompt_emb_mask": x.mask,
+              "height": x.size, "width": x.size, "use_gradient_checkpointing": True, "zero_cond_t": True,
+              "cfg_scale": 1}
+    return pipe, tm, opt, inputs
+
+
+def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, compiled: bool = False):
+    """The workspace trainer's model on `dit` for `cfg` (LoRA of cfg.lora_rank on `targets` in `tdtype`, the STE in
+    bridge mode, compiled blocks when `compiled`) and its optimizer: (model, optimizer, trainable parameters, STE or
+    None)."""
+    from diffsynth_edit.speedups import compile_blocks
+    from diffsynth_edit.ste import STE
+    from diffsynth_edit.training.lora import inject_lora
+    from diffsynth_edit.training.model import EditTrainModel
+    from diffsynth_edit.training.optim import build_optimizer
+
+    params = inject_lora(dit, cfg.lora_rank, float(cfg.lora_rank), targets, tdtype)
+    ste = None
+    if cfg.mode == "bridge":
+        ste = STE.for_dit(dit).to(device=device, dtype=tdtype)
+        params += list(ste.parameters())
+    if compiled:
+        compile_blocks(dit, ste)
+    model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)
+    return model, build_optimizer(cfg, params), params, ste
+
+
+def fixed_noised_batch(x: TrainInputs, device: str):
+    """(batch, noised) of one SFT step at t = 500 on `x`: the same inputs every step."""
+    from diffsynth_edit.training.losses import NoisedBatch
+
+    batch = {"prompt_emb": x.emb, "prompt_emb_mask": x.mask, "edit_latents": [x.edit], "subyx": x.subyx,
+             "input_latents": x.x0}
+    noised = NoisedBatch(latents=x.x0.float(), sub_latents=x.sub0.float(), target=x.x0.float(),
+                         sub_target=x.sub0.float(), timestep=torch.tensor([500.0], device=device),
+                         weight=torch.ones(1, device=device), s=torch.tensor([0.5], device=device))
+    return batch, noised
+
+
+def release_lora(dit, device: str) -> None:
+    """After a case: the DiT without LoRA, the CUDA cache emptied."""
+    strip_lora(dit)
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---- timing ----------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ def schedule(out: Path, steps: int, warmup: int, kind: str, accumulation: int) -
 
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.distributed import build_accelerator
-    from diffsynth_edit.training.loop import _base_optimizer, lr_lambda
+    from diffsynth_edit.training.optim import base_optimizer as _base_optimizer, lr_lambda
 
     cfg = TrainConfig(optimizer="adamw", learning_rate=1e-3, warmup_steps=warmup, lr_schedule=kind,
                       max_steps=steps, gradient_accumulation=accumulation, device="cpu")

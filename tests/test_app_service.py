@@ -144,13 +144,13 @@ def test_service_refuses_escape_and_keeps_working(service, roots):
 
 # ---- hot swap ----------------------------------------------------------------------------------------------------
 def test_switching_checkpoints_does_not_reload_the_base_model(service, monkeypatch):
-    import diffsynth_edit.app.service as service_mod
+    import diffsynth_edit.app.editor_setup as editor_setup_mod
     import diffsynth_edit.loading as loading_mod
 
     def no_reload(*a, **k):
         raise AssertionError("the base model was reloaded")
 
-    monkeypatch.setattr(service_mod, "load_pipeline", no_reload)
+    monkeypatch.setattr(editor_setup_mod, "load_pipeline", no_reload)
     monkeypatch.setattr(loading_mod, "load_pipeline", no_reload)
     pipe_id, dit_id = id(service.editor.pipe), id(service.editor.pipe.dit)
     img, mask = _image(), _mask()
@@ -312,7 +312,7 @@ def test_config_flags_and_preset(tmp_path):
 
 
 def test_tiny_fallback_when_no_weights(tiny_root, tmp_path):
-    from diffsynth_edit.app.service import build_editor
+    from diffsynth_edit.app.editor_setup import build_editor
     from diffsynth_edit.loading import MissingWeightsError
 
     cfg = parse_app_config(["--model-root", str(tmp_path / "nothing"), "--tiny-root", str(tiny_root),
@@ -329,7 +329,7 @@ def test_tiny_fallback_when_no_weights(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--compile", "--fp8"])
 def test_speed_up_flags_need_cuda(tiny_root, flag):
-    from diffsynth_edit.app.service import build_editor
+    from diffsynth_edit.app.editor_setup import build_editor
     from diffsynth_edit.config import ConfigError
 
     cfg = parse_app_config(["--tiny", "--tiny-root", str(tiny_root), "--device", "cpu", flag])

@@ -116,7 +116,7 @@ def test_zero_trains_saves_and_resumes(stage, trainable_dtype, cache_dir, tiny_r
     assert (tmp_path / "cut" / "state" / "zero-rank00000.pt").is_file()
 
     # That state holds a per-rank ZeRO optimizer state: a run without DeepSpeed may not resume from it.
-    from diffsynth_edit.training.loop import TrainingError
+    from diffsynth_edit.training.faults import TrainingError
 
     with pytest.raises(TrainingError, match=r"written under DeepSpeed .*stage.*this run is without DeepSpeed"):
         run(make_cfg(cache_dir, tiny_root, tmp_path, run_name="cut", resume=True, max_steps=4))

@@ -84,7 +84,7 @@ def test_lr_schedule_under_two_processes(tmp_path):
     """Cosine with warmup 10 over 100 optimizer steps (accumulation 2): the lr of each step under 2 DDP processes is
     the single-process schedule's, so step 50 is mid-cosine and only step 100 gets near 0."""
     from diffsynth_edit.training.config import TrainConfig
-    from diffsynth_edit.training.loop import lr_lambda
+    from diffsynth_edit.training.optim import lr_lambda
 
     out = tmp_path / "lrs.json"
     launch(CONFIGS["ddp"], [str(REPO / "tests" / "dist_worker.py"), "schedule", str(out), "100", "10", "cosine", "2"])
@@ -101,7 +101,7 @@ def test_lr_schedule_under_two_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "zero2"])
 def test_two_processes_match_one_and_resume_after_sigkill(mode, cache_dir, tiny_root, tmp_path):  # noqa: F811
-    from diffsynth_edit.training.loop import KILL_ENV
+    from diffsynth_edit.training.faults import KILL_ENV
 
     schedule = dict(optimizer="adamw", learning_rate=1e-3, lr_schedule="cosine", warmup_steps=1, max_steps=4)
     _, single_path = run(make_cfg(cache_dir, tiny_root, tmp_path / "one", gradient_accumulation=4, save_every=2,

@@ -47,7 +47,7 @@ def test_prodigy_run_killed_then_resumed_equals_uninterrupted(cache_dir, tiny_ro
                                                               capsys):
     """The presets' optimizer, kill -9 of a training process after the state of step 2, `--resume`: every saved
     tensor equals the uninterrupted run's (Prodigy keeps fp32 and bf16 state side by side; a cast drifts)."""
-    from diffsynth_edit.training.loop import KILL_ENV
+    from diffsynth_edit.training.faults import KILL_ENV
 
     kw = dict(optimizer="prodigy", learning_rate=None, trainable_dtype=trainable_dtype, max_steps=5, save_every=2,
               gradient_accumulation=2)

@@ -30,7 +30,7 @@ def test_warm_start_from_sft_keeps_ste(cache_dir, tiny_root, tmp_path):
 
 
 def test_shipped_deepspeed_configs_pass_the_trap_checks():
-    from diffsynth_edit.training.loop import deepspeed_config_problems
+    from diffsynth_edit.training.distributed import deepspeed_config_problems
 
     for name in ("ds_zero2.json", "ds_zero3.json"):
         ds = json.loads((REPO / "configs" / name).read_text())
@@ -49,7 +49,7 @@ def test_shipped_deepspeed_configs_pass_the_trap_checks():
     ({"gradient_clipping": 0.0, "zero_optimization": {"reduce_bucket_size": "auto"}}, "hidden_size"),
 ])
 def test_deepspeed_traps_are_refused_with_a_message(ds, message):
-    from diffsynth_edit.training.loop import deepspeed_config_problems
+    from diffsynth_edit.training.distributed import deepspeed_config_problems
 
     problems = deepspeed_config_problems(ds, "prodigy")
     assert any(message in p for p in problems), problems
@@ -63,7 +63,7 @@ def test_deepspeed_traps_are_refused_with_a_message(ds, message):
     (0.0, 0.0, False),
 ])
 def test_adamw_clipping_must_match_the_deepspeed_config(clip_in_config, grad_clip, refused):
-    from diffsynth_edit.training.loop import deepspeed_config_problems
+    from diffsynth_edit.training.distributed import deepspeed_config_problems
 
     problems = deepspeed_config_problems({"gradient_clipping": clip_in_config}, "adamw", grad_clip)
     if refused:

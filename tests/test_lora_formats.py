@@ -312,7 +312,8 @@ def test_cli_stacks_loras_and_names_bad_files(tiny_root, tiny_pipe, tmp_path, ca
     import numpy as np
     from PIL import Image
 
-    from diffsynth_edit.editing.cli import main, parse_lora_spec
+    from diffsynth_edit.editing.cli import main
+    from diffsynth_edit.editing.options import parse_lora_spec
 
     assert parse_lora_spec("a/b.safetensors:0.5") == (__import__("pathlib").Path("a/b.safetensors"), 0.5)
     assert parse_lora_spec("c:d.safetensors")[1] == 1.0

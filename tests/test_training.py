@@ -177,10 +177,10 @@ def test_export_keys_map_one_to_one(cache_dir, tiny_root, tmp_path):
 
 
 def test_non_finite_loss_stops_without_checkpoint(cache_dir, tiny_root, tmp_path, monkeypatch):
-    from diffsynth_edit.training import loop
-    from diffsynth_edit.training.loop import TrainingError
+    from diffsynth_edit.training import model
+    from diffsynth_edit.training.faults import TrainingError
 
-    monkeypatch.setattr(loop, "per_sample_mse", lambda p, t: torch.full((p.shape[0],), float("nan")) + 0 * p.sum())
+    monkeypatch.setattr(model, "per_sample_mse", lambda p, t: torch.full((p.shape[0],), float("nan")) + 0 * p.sum())
     with pytest.raises(TrainingError, match="non-finite loss"):
         run(make_cfg(cache_dir, tiny_root, tmp_path, max_steps=2, save_every=1))
     assert not list((tmp_path / "run").glob("step-*.safetensors"))
@@ -252,7 +252,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(cache_dir, tiny_root, t
     import subprocess
     import sys
 
-    from diffsynth_edit.training.loop import KILL_ENV
+    from diffsynth_edit.training.faults import KILL_ENV
 
     kw = dict(max_steps=6, save_every=2, log_every=1)
     _, full = run(make_cfg(cache_dir, tiny_root, tmp_path / "full", **kw))

@@ -58,28 +58,19 @@ def swapped_sub_freqs(main_freqs: torch.Tensor, main_hw: tuple[int, int], subyx:
     return torch.stack([grid[y1:y2, x1:x2].flatten(0, 1) for y1, y2, x1, x2 in subyx.tolist()])
 
 
-def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: bool = False,
-                   use_gradient_checkpointing: bool = False, checkpoint_last_n: int | None = None,
-                   gate_override: float | None = None, return_gates: bool = False):
-    """Returns (main_pred [B,16,H/8,W/8], sub_pred or None[, gates]).
-
-    `ste=None` with sub latents routes nothing (sub tokens keep their own RoPE, gate 1).
-    `gate_override` forces every gate to that value (0 or 1) for ablations/tests.
-    `checkpoint_last_n`: with checkpointing on, only the last N blocks recompute (None = all).
-    """
+def _image_tokens(inputs: DiTInputs) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The image stream before `img_in`: the patchified `[main | sub | edit...]` tokens [B, L, 64] and each part's
+    (frame, height, width) in tokens, in that order (edit latents of batch 1 are shared by the batch). Refuses sub
+    latents without boxes, or boxes of another size."""
     x = inputs.latents
     batch = x.shape[0]
-    hm, wm = x.shape[2] // 2, x.shape[3] // 2
-    img_shapes = [(1, hm, wm)]
+    img_shapes = [(1, x.shape[2] // 2, x.shape[3] // 2)]
     parts = [patchify(x)]
-    n_main = hm * wm
-    n_sub = 0
     if inputs.sub_latents is not None:
         s = inputs.sub_latents
         hs, ws = s.shape[2] // 2, s.shape[3] // 2
         img_shapes.append((1, hs, ws))
         parts.append(patchify(s))
-        n_sub = hs * ws
         if inputs.subyx is None:
             raise ValueError("sub_latents given without subyx")
         sizes = (inputs.subyx[:, 1] - inputs.subyx[:, 0], inputs.subyx[:, 3] - inputs.subyx[:, 2])
@@ -90,10 +81,14 @@ def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: 
             e = e.expand(batch, -1, -1, -1)
         img_shapes.append((1, e.shape[2] // 2, e.shape[3] // 2))
         parts.append(patchify(e))
-    n_noisy = n_main + n_sub
-    image = dit.img_in(torch.cat(parts, dim=1))
+    return torch.cat(parts, dim=1), img_shapes
 
-    t = _as_batch_timestep(inputs.timestep, batch).to(device=image.device) / 1000
+
+def _conditioning(dit, timestep: torch.Tensor, batch: int, image: torch.Tensor, n_noisy: int, zero_cond_t: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the time embedding, the per-token modulation index): with `zero_cond_t` the embedding holds t then t = 0 and
+    the index picks the second for the edit tokens (those after the first `n_noisy`)."""
+    t = _as_batch_timestep(timestep, batch).to(device=image.device) / 1000
     if zero_cond_t:
         t = torch.cat([t, t * 0])
         modulate_index = torch.zeros(batch, image.shape[1], dtype=torch.int, device=image.device)
@@ -103,20 +98,46 @@ def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: 
     addition = None
     if dit.time_text_embed.use_additional_t_cond:
         addition = torch.zeros(t.shape[0], dtype=torch.long, device=image.device)
-    conditioning = dit.time_text_embed(t, image.dtype, addition_t_cond=addition)
+    return dit.time_text_embed(t, image.dtype, addition_t_cond=addition), modulate_index
 
+
+def _text_stream(dit, inputs: DiTInputs, image: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """(the text tokens cut to the longest prompt of the batch, each prompt's length, the attention mask over
+    [text | image] keys, None when no prompt is padded)."""
     mask = inputs.prompt_emb_mask
     txt_len = int(mask.sum(dim=1).max())
     prompt_emb = inputs.prompt_emb[:, :txt_len]
     mask = mask[:, :txt_len]
     text = dit.txt_in(dit.txt_norm(prompt_emb))
     txt_seq_lens = mask.sum(dim=1).tolist()
-    vid_freqs, txt_freqs = (torch.view_as_real(f) for f in dit.pos_embed(img_shapes, txt_seq_lens,
-                                                                          device=image.device))
     attention_mask = None
     if not bool(mask.bool().all()):
-        keys = torch.cat([mask.bool(), torch.ones(batch, image.shape[1], dtype=torch.bool, device=mask.device)], 1)
+        keys = torch.cat([mask.bool(), torch.ones(image.shape[0], image.shape[1], dtype=torch.bool,
+                                                  device=mask.device)], 1)
         attention_mask = keys[:, None, None, :]
+    return text, txt_seq_lens, attention_mask
+
+
+def bridge_forward(dit, inputs: DiTInputs, ste: STE | None = None, zero_cond_t: bool = False,
+                   use_gradient_checkpointing: bool = False, checkpoint_last_n: int | None = None,
+                   gate_override: float | None = None, return_gates: bool = False):
+    """Returns (main_pred [B,16,H/8,W/8], sub_pred or None[, gates]).
+
+    `ste=None` with sub latents routes nothing (sub tokens keep their own RoPE, gate 1).
+    `gate_override` forces every gate to that value (0 or 1) for ablations/tests.
+    `checkpoint_last_n`: with checkpointing on, only the last N blocks recompute (None = all).
+    """
+    batch = inputs.latents.shape[0]
+    tokens, img_shapes = _image_tokens(inputs)
+    _, hm, wm = img_shapes[0]
+    n_main = hm * wm
+    n_sub = img_shapes[1][1] * img_shapes[1][2] if inputs.sub_latents is not None else 0
+    n_noisy = n_main + n_sub
+    image = dit.img_in(tokens)
+    conditioning, modulate_index = _conditioning(dit, inputs.timestep, batch, image, n_noisy, zero_cond_t)
+    text, txt_seq_lens, attention_mask = _text_stream(dit, inputs, image)
+    vid_freqs, txt_freqs = (torch.view_as_real(f) for f in dit.pos_embed(img_shapes, txt_seq_lens,
+                                                                          device=image.device))
 
     routed = n_sub > 0 and (ste is not None or gate_override is not None)
     if routed:

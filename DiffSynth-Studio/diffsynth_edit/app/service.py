@@ -1,4 +1,5 @@
-"""The app's logic without gradio: model set-up, checkpoint selection (hot-swap) and one edit.
+"""The app's logic without gradio: checkpoint selection (hot-swap), extra LoRAs and one edit (the model set-up is
+`editor_setup`).
 
     service = EditService.from_config(cfg)                  # or EditService(editor, roots=[...])
     out = service.generate(image="in.png", mask="mask.png", prompt="make it red", checkpoint="run/step-100.safetensors")
@@ -21,14 +22,14 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..editing.editor import EditInputError, EditRequest, EditSettings, Editor, to_rgb
-from ..loading import MissingWeightsError, ModelSources, load_pipeline
+from ..editing.editor import Editor, to_rgb
+from ..editing.request import EditInputError, EditRequest, EditSettings
 from ..lora_formats import LoRAFile, read_lora_file
 from ..lora_stack import LoRALayer
 from ..editing.sampling import FLOW_SCHEDULES
 from .checkpoints import (CheckpointAccessError, CheckpointEntry, list_checkpoints, resolve_checkpoint,
                           resolve_roots)
+from .editor_setup import build_editor
 from .errors import AppInputError
 from .uploads import limit_pixels, mask_coverage, open_image
 
@@ -38,69 +39,7 @@ MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**32 - 1
 NO_CHECKPOINT_LABEL = "(none: base model)"
 
-__all__ = ["AppInputError", "CheckpointAccessError", "EditService", "GenerateOutput", "build_editor",
-           "resolve_device", "resolve_dtype"]
-
-
-# ---- model set-up -----------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> str:
-    import torch
-
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
-    return name
-
-
-def resolve_dtype(name: str, device: str):
-    import torch
-
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def tiny_sources(tiny_root: Path | str, variant: str = "2511") -> ModelSources:
-    """The tiny random model, written once to `tiny_root` (a cache) and then read through the normal loader."""
-    from ..tiny import write_tiny_model
-
-    return ModelSources(variant=variant, model_root=write_tiny_model(tiny_root))
-
-
-def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[str]]:
-    """Editor (hot-swap on) for an AppConfig; notices tell the user what was chosen (e.g. the tiny fallback)."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
-        raise ConfigError(f"`compile` and `fp8` need a CUDA device; this app runs on {device}")
-    notices: list[str] = []
-    if cfg.tiny:
-        sources = tiny_sources(cfg.tiny_root, cfg.variant)
-        notices.append("Running on the tiny random model (--tiny): it shows the app working; its edits are noise.")
-        pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
-    else:
-        sources = cfg.model_sources(cfg.variant)
-        try:
-            pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
-        except MissingWeightsError as e:
-            if not cfg.tiny_fallback:
-                raise
-            sources = tiny_sources(cfg.tiny_root, cfg.variant)
-            notices.append(f"No Qwen-Image-Edit-{cfg.variant} weights found, so the app runs on the tiny random "
-                           f"model: its edits are noise. To use the real model: {e}")
-            pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
-    for n in notices:
-        log(f"[app] {n}")
-    log(f"[app] model: Qwen-Image-Edit-{sources.variant} on {device} ({str(dtype).replace('torch.', '')})")
-    editor = Editor(pipe, variant=sources.variant, hot_swap=True, activation=cfg.dit_activation,
-                    log=lambda m: log(m.replace("[editor]", "[app]", 1)))
-    if cfg.compile or cfg.fp8:
-        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
-        log(f"[app] speed-ups: {', '.join(n for n, on in (('compiled blocks', cfg.compile), ('fp8', cfg.fp8)) if on)}")
-    return editor, notices
+__all__ = ["AppInputError", "CheckpointAccessError", "EditService", "GenerateOutput", "build_editor"]
 
 
 # ---- request validation -----------------------------------------------------------------------------------------
@@ -315,54 +254,8 @@ class EditService:
                  notices: Sequence[str] = (), loras: Any = None, schedule: Any = "qwen") -> GenerateOutput:
         t0 = time.perf_counter()
         notices = list(notices)
-        # -- settings
-        sampler = parse_sampler(sampler)
-        max_steps = LBM_MAX_STEPS if sampler == "lbm" else self.max_steps
-        steps = int(_number("steps", steps, 1, max_steps, integer=True))
-        cfg_scale = float(_number("cfg", cfg, 1.0, 30.0))
-        seed = int(_number("seed", -1 if seed is None else seed, -1, MAX_SEED, integer=True))
-        if seed == -1:
-            seed = secrets.randbelow(MAX_SEED + 1)
-            notices.append(f"random seed {seed}")
-        blend_alpha = float(_number("blend_alpha", blend_alpha, 0.0, 1.0))
-        schedule = "qwen" if schedule in (None, "") else schedule
-        if schedule not in FLOW_SCHEDULES:
-            raise AppInputError(f"unknown schedule {schedule!r}: use {' or '.join(map(repr, FLOW_SCHEDULES))}")
-        if prompt is None:
-            prompt = ""
-        if not isinstance(prompt, str):
-            raise AppInputError(f"prompt must be text, got {type(prompt).__name__}")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise AppInputError(f"prompt is {len(prompt)} characters long (at most {MAX_PROMPT_CHARS})")
-        if not prompt.strip():
-            notices.append("empty prompt")
-        # -- images
-        src = open_image(image, "image")
-        input_size = list(src.size)
-        src, note = limit_pixels(src, self.max_upload_pixels, "image")
-        notices += [note] if note else []
-        mask_img = None
-        if mask is not None:
-            mask_img = open_image(mask, "mask")
-            mask_img, note = limit_pixels(mask_img, self.max_upload_pixels, "mask", resample=Image.NEAREST)
-            notices += [note] if note else []
-        refs = []
-        if references is not None:
-            if isinstance(references, (str, bytes, Image.Image, dict)):
-                references = [references]
-            if not isinstance(references, (list, tuple)):
-                raise AppInputError(f"references must be a list of images, got {type(references).__name__}")
-            if len(references) > self.max_references:
-                raise AppInputError(f"{len(references)} reference images given (at most {self.max_references})")
-            for i, r in enumerate(references):
-                if isinstance(r, (list, tuple)) and r:  # gallery items are (image, caption)
-                    r = r[0]
-                ref = open_image(r, f"reference {i + 1}")
-                ref, note = limit_pixels(ref, self.max_upload_pixels, f"reference {i + 1}")
-                notices += [note] if note else []
-                refs.append(ref)
-        settings = EditSettings(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                blend_alpha=blend_alpha, max_pixels=self.max_pixels, schedule=schedule)
+        settings, prompt = self._settings(prompt, sampler, steps, cfg, seed, blend_alpha, schedule, notices)
+        src, input_size, mask_img, refs = self._images(image, mask, references, notices)
         with self._lock:
             notices += self.select_checkpoint(checkpoint, strength)
             notices += self.select_loras(loras)
@@ -395,6 +288,64 @@ class EditService:
         if source.size != result.image.size:
             source = source.resize(result.image.size, Image.LANCZOS)
         return GenerateOutput(result.image, result.sub_image, source, info, notices)
+
+
+    def _settings(self, prompt: Any, sampler: Any, steps: Any, cfg: Any, seed: Any, blend_alpha: Any, schedule: Any,
+                  notices: list[str]) -> tuple[EditSettings, str]:
+        """The request's sampler settings and prompt, checked (AppInputError names the bad one); a random seed and an
+        empty prompt are added to `notices`."""
+        sampler = parse_sampler(sampler)
+        max_steps = LBM_MAX_STEPS if sampler == "lbm" else self.max_steps
+        steps = int(_number("steps", steps, 1, max_steps, integer=True))
+        cfg_scale = float(_number("cfg", cfg, 1.0, 30.0))
+        seed = int(_number("seed", -1 if seed is None else seed, -1, MAX_SEED, integer=True))
+        if seed == -1:
+            seed = secrets.randbelow(MAX_SEED + 1)
+            notices.append(f"random seed {seed}")
+        blend_alpha = float(_number("blend_alpha", blend_alpha, 0.0, 1.0))
+        schedule = "qwen" if schedule in (None, "") else schedule
+        if schedule not in FLOW_SCHEDULES:
+            raise AppInputError(f"unknown schedule {schedule!r}: use {' or '.join(map(repr, FLOW_SCHEDULES))}")
+        if prompt is None:
+            prompt = ""
+        if not isinstance(prompt, str):
+            raise AppInputError(f"prompt must be text, got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise AppInputError(f"prompt is {len(prompt)} characters long (at most {MAX_PROMPT_CHARS})")
+        if not prompt.strip():
+            notices.append("empty prompt")
+        return EditSettings(sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed, blend_alpha=blend_alpha,
+                            max_pixels=self.max_pixels, schedule=schedule), prompt
+
+    def _images(self, image: Any, mask: Any, references: Any, notices: list[str]
+                ) -> tuple[Image.Image, list[int], Image.Image | None, list[Image.Image]]:
+        """(the source image, its size as uploaded, the mask or None, the reference images), each decoded and scaled
+        down to the upload limit (a note in `notices` when it was)."""
+        src = open_image(image, "image")
+        input_size = list(src.size)
+        src, note = limit_pixels(src, self.max_upload_pixels, "image")
+        notices += [note] if note else []
+        mask_img = None
+        if mask is not None:
+            mask_img = open_image(mask, "mask")
+            mask_img, note = limit_pixels(mask_img, self.max_upload_pixels, "mask", resample=Image.NEAREST)
+            notices += [note] if note else []
+        refs = []
+        if references is not None:
+            if isinstance(references, (str, bytes, Image.Image, dict)):
+                references = [references]
+            if not isinstance(references, (list, tuple)):
+                raise AppInputError(f"references must be a list of images, got {type(references).__name__}")
+            if len(references) > self.max_references:
+                raise AppInputError(f"{len(references)} reference images given (at most {self.max_references})")
+            for i, r in enumerate(references):
+                if isinstance(r, (list, tuple)) and r:  # gallery items are (image, caption)
+                    r = r[0]
+                ref = open_image(r, f"reference {i + 1}")
+                ref, note = limit_pixels(ref, self.max_upload_pixels, f"reference {i + 1}")
+                notices += [note] if note else []
+                refs.append(ref)
+        return src, input_size, mask_img, refs
 
 
 def _is_number(text: str) -> bool:

@@ -14,18 +14,11 @@ position.
 """
 from __future__ import annotations
 
-import atexit
 import inspect
 import os
 import random
-import shutil
-import tempfile
-import threading
 import traceback
-import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -36,43 +29,13 @@ from ..editing.editor import to_rgb  # noqa: E402
 from .editor_limits import bounded_editor  # noqa: E402
 from .errors import AppInputError  # noqa: E402
 from .uploads import mask_from_editor  # noqa: E402
-from .png import save_png  # noqa: E402
+from .png import PngStore  # noqa: E402
 from .service import LBM_MAX_STEPS, EditService  # noqa: E402
 
 GPU_GROUP = "gpu"
 HAS_IMAGE_SLIDER = hasattr(gr, "ImageSlider")
 BRUSH_COLOR = "#ff2a6d"
 QUEUE_POLL_S = 0.005
-
-
-class PngStore:
-    """Output images are written once, as fast PNG (`png.encode_png`: Up filter + run-length deflate, 3-7x faster
-    than PIL at compress_level 1), and handed to gradio as paths, which it copies into its cache without
-    re-encoding. The same file serves the output, the comparison slider and the API. Only the newest `keep` files
-    are kept here."""
-
-    def __init__(self, keep: int = 64):
-        self.dir = Path(tempfile.mkdtemp(prefix="qwen_edit_app_"))
-        self.keep = keep
-        self._files: deque[Path] = deque()
-        self._lock = threading.Lock()
-        self._background = ThreadPoolExecutor(1, thread_name_prefix="png-store")
-        atexit.register(shutil.rmtree, self.dir, True)
-
-    def save_later(self, make_image: Callable, name: str) -> Future:
-        """`save(make_image(), name)` on a background thread (the "before" image is written while the edit runs)."""
-        return self._background.submit(lambda: self.save(make_image(), name))
-
-    def save(self, image, name: str) -> str | None:
-        if image is None:
-            return None
-        path = self.dir / f"{uuid.uuid4().hex[:16]}-{name}.png"
-        save_png(image, path)
-        with self._lock:
-            self._files.append(path)
-            while len(self._files) > self.keep:
-                self._files.popleft().unlink(missing_ok=True)
-        return str(path)
 
 
 def _kw(fn: Callable, **kwargs) -> dict:
@@ -151,11 +114,13 @@ def _slot_loras(values) -> list[tuple[str, float]]:
 def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | None = None,
              default_cfg: float = 4.0, lbm_steps: int = 4, initial_checkpoint: str = "",
              title: str = "Qwen-Image-Edit: mask editing") -> gr.Blocks:
+    """The page (inputs and settings, outputs, their events) and the hidden components and events of the API, in
+    this order (gradio numbers the events in the order they are registered)."""
     max_steps = max_steps or service.max_steps
     store = PngStore()
     loaded = service.loaded
     initial_checkpoint = loaded[0] if loaded else initial_checkpoint
-
+    page = SimpleNamespace()
     with gr.Blocks(**_kw(gr.Blocks, title=title, analytics_enabled=False)) as demo:
         gr.Markdown(f"## {title}\nUpload an image, paint the region to edit with the brush (white = edit; the eraser "
                     "removes paint; no paint = the whole image), write the instruction, pick a checkpoint, Generate.")
@@ -163,188 +128,227 @@ def build_ui(service: EditService, *, default_steps: int = 40, max_steps: int | 
             gr.Markdown(f"> ⚠️ {n}")
         with gr.Row():
             with gr.Column(scale=3):
-                editor = bounded_editor(gr.ImageEditor(**_kw(
-                    gr.ImageEditor, label="Image and mask", type="pil", image_mode="RGBA",
-                    sources=["upload", "clipboard"], transforms=(), layers=False, format="png",
-                    fixed_canvas=False, canvas_size=(1024, 1024), height=620, elem_id="edit-canvas",
-                    brush=gr.Brush(colors=[BRUSH_COLOR], default_color=BRUSH_COLOR, color_mode="fixed",
-                                   default_size=32),
-                    eraser=gr.Eraser(default_size=32))))
-                prompt = gr.Textbox(label="Prompt (edit instruction)", lines=2, elem_id="prompt",
-                                    placeholder="e.g. replace the cup with a red teapot")
-                references = gr.Gallery(**_kw(gr.Gallery, label="Extra reference images, in order (optional)",
-                                              type="filepath", interactive=True, columns=4, height=150,
-                                              file_types=["image"], elem_id="references"))
+                _input_components(page)
             with gr.Column(scale=2):
-                with gr.Row():
-                    checkpoint = gr.Dropdown(choices=service.checkpoint_choices(), value=initial_checkpoint,
-                                             label="Checkpoint (run · step)", allow_custom_value=True, scale=5,
-                                             elem_id="checkpoint")
-                    refresh = gr.Button("↻ Refresh", scale=1, min_width=60, elem_id="refresh")
-                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
-                extra_files, extra_strengths = [], []
-                if service.max_extra_loras:
-                    with gr.Accordion(f"Extra LoRAs stacked on the checkpoint (up to {service.max_extra_loras}; "
-                                      "e.g. a Lightning LoRA: 4 steps, CFG 1)", open=False):
-                        for i in range(service.max_extra_loras):
-                            with gr.Row():
-                                extra_files.append(gr.Dropdown(
-                                    choices=service.lora_choices(), value="", label=f"Extra LoRA {i + 1}",
-                                    allow_custom_value=True, scale=4, elem_id=f"extra-lora-{i + 1}"))
-                                extra_strengths.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="strength",
-                                                                 scale=2, elem_id=f"extra-strength-{i + 1}"))
-                sampler = gr.Radio([("Flow matching", "flow"), (f"LBM (1–{LBM_MAX_STEPS} steps)", "lbm")],
-                                   value="flow", label="Sampler")
-                steps = gr.Slider(1, max_steps, value=default_steps, step=1, label="Steps")
-                schedule = gr.Radio([("Qwen (dynamic shift)", "qwen"), ("Lightning (shift 3)", "lightning")],
-                                    value="qwen", label="Flow schedule (Lightning LoRAs: 4 steps, CFG 1)",
-                                    elem_id="schedule")
-                cfg = gr.Slider(1.0, 10.0, value=default_cfg, step=0.1, label="CFG scale (1 = off)")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", scale=3, elem_id="seed")
-                    randomise = gr.Button("Random seed", scale=1, min_width=60, elem_id="random-seed")
-                blend = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
-                                  label="Background blend α (keeps the unmasked area; 0 = off)")
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
-                status = gr.Markdown(elem_id="status")
-        with gr.Row():
-            out_image = gr.Image(label="Edited image", type="pil", format="png", interactive=False,
-                                 elem_id="output-image")
-            out_sub = gr.Image(label="Sub image (bridge checkpoints: the edited box on white)", type="pil", format="png",
-                               interactive=False, elem_id="output-sub")
-        if HAS_IMAGE_SLIDER:
-            compare = [gr.ImageSlider(**_kw(gr.ImageSlider, label="Before / after", type="pil", format="png",
-                                            interactive=False, elem_id="compare", max_height=512))]
-        else:
-            with gr.Row():
-                compare = [gr.Image(label="Before", type="pil", interactive=False),
-                           gr.Image(label="After", type="pil", interactive=False)]
-        use_as_input = gr.Button("⤴ Use as input (chain another edit)", elem_id="use-as-input")
-        settings_json = gr.JSON(label="Settings that produced this output", elem_id="settings")
-
-        # ---- hidden components of the API endpoint -------------------------------------------------------------
-        with gr.Column(visible=False):
-            api_image = gr.File(label="image", type="filepath")
-            api_mask = gr.File(label="mask", type="filepath")
-            api_prompt = gr.Textbox(label="prompt", value="")
-            api_refs = gr.File(label="references", file_count="multiple", type="filepath")
-            api_ckpt = gr.Textbox(label="checkpoint", value="")
-            api_strength = gr.Number(label="strength", value=1.0)
-            api_sampler = gr.Textbox(label="sampler", value="flow")
-            api_steps = gr.Number(label="steps", value=default_steps, precision=0)
-            api_cfg = gr.Number(label="cfg", value=default_cfg)
-            api_seed = gr.Number(label="seed", value=0, precision=0)
-            api_blend = gr.Number(label="blend_alpha", value=0.0)
-            api_loras = gr.Textbox(label="loras", value="")
-            api_schedule = gr.Textbox(label="schedule", value="qwen")
-            api_out_image = gr.Image(label="image", type="pil", format="png")
-            api_out_sub = gr.Image(label="sub_image", type="pil", format="png")
-            api_out_settings = gr.JSON(label="settings")
-            api_ckpt_list = gr.JSON(label="checkpoints")
-            api_trigger = gr.Button("api", visible=False)
-            api_list_trigger = gr.Button("api-list", visible=False)
-
-        # ---- page events ---------------------------------------------------------------------------------------
-        def ui_generate(editor_value, prompt_v, refs_v, ckpt_v, strength_v, sampler_v, steps_v, cfg_v, seed_v,
-                        blend_v, schedule_v, progress=gr.Progress(), *extra_v):  # progress: gradio inserts it
-            try:
-                image, mask, notes = mask_from_editor(editor_value)
-                if image is None:
-                    raise AppInputError("upload an image first (drop it on the editor)")
-                progress(0, desc="encoding prompt and images")
-                before = store.save_later(lambda: _before_image(image, service.max_upload_pixels), "before")
-
-                def on_step(i: int, total: int) -> None:
-                    progress((i, total), desc="denoising", unit="steps")
-
-                out = service.generate(image, mask, prompt_v, refs_v or None, ckpt_v, strength_v, sampler_v,
-                                       steps_v, cfg_v, seed_v, blend_v, progress=on_step,
-                                       mask_source="painted" if mask is not None else "none (whole image)",
-                                       notices=notes, loras=_slot_loras(extra_v), schedule=schedule_v)
-            except Exception as e:  # noqa: BLE001 - every failure becomes a message; the server keeps serving
-                raise _user_error(e) from None
-            image_path, sub_path = store.save(out.image, "image"), store.save(out.sub_image, "sub_image")
-            try:
-                source_path = before.result()
-            except Exception:  # noqa: BLE001 - written again below
-                source_path = None
-            if source_path is None or _png_size(source_path) != out.source.size:  # the service resized the input
-                source_path = store.save(out.source, "before")
-            comparison = [(source_path, image_path)] if HAS_IMAGE_SLIDER else [source_path, image_path]
-            return [image_path, sub_path, *comparison, out.settings, _status(out.settings)]
-
-        generate.click(ui_generate,
-                       inputs=[editor, prompt, references, checkpoint, strength, sampler, steps, cfg, seed, blend,
-                               schedule, *extra_files, *extra_strengths],
-                       outputs=[out_image, out_sub, *compare, settings_json, status],
-                       concurrency_limit=1, concurrency_id=GPU_GROUP, **_undocumented("ui_generate"))
-
-        def refresh_choices(current):
-            choices = service.checkpoint_choices()
-            values = {v for _, v in choices}
-            return gr.update(choices=choices, value=current if current in values else "")
-
-        refresh.click(refresh_choices, inputs=checkpoint, outputs=checkpoint, queue=False, **_private())
-        demo.load(refresh_choices, inputs=checkpoint, outputs=checkpoint, queue=False, **_private())
-
-        def refresh_lora_choices(*current):
-            choices = service.lora_choices()
-            values = {v for _, v in choices}
-            updates = [gr.update(choices=choices, value=c if c in values else "") for c in current]
-            return updates[0] if len(updates) == 1 else updates
-
-        if extra_files:
-            refresh.click(refresh_lora_choices, inputs=extra_files, outputs=extra_files, queue=False, **_private())
-            demo.load(refresh_lora_choices, inputs=extra_files, outputs=extra_files, queue=False, **_private())
-        randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=seed, queue=False, **_private())
-
-        def on_sampler(s, current_steps):
-            if s == "lbm":
-                v = int(current_steps or lbm_steps)
-                return gr.update(maximum=LBM_MAX_STEPS, value=v if 1 <= v <= LBM_MAX_STEPS else lbm_steps), \
-                    gr.update(value=1.0)
-            return gr.update(maximum=max_steps, value=default_steps), gr.update(value=default_cfg)
-
-        sampler.change(on_sampler, inputs=[sampler, steps], outputs=[steps, cfg], queue=False, **_private())
-
-        def use_output(image):
-            if image is None:
-                raise gr.Error("no output yet: generate first")
-            return {"background": image, "layers": [], "composite": image}
-
-        use_as_input.click(use_output, inputs=out_image, outputs=editor, queue=False, **_undocumented("use_as_input"))
-
-        # ---- API events ----------------------------------------------------------------------------------------
-        def api_edit(image, mask=None, prompt="", references=None, checkpoint="", strength=1.0, sampler="flow",
-                     steps=default_steps, cfg=default_cfg, seed=0, blend_alpha=0.0, loras="", schedule="qwen",
-                     progress=gr.Progress()):
-            try:
-                if image is None:
-                    raise AppInputError("no image given")
-
-                def on_step(i: int, total: int) -> None:
-                    progress((i, total), desc="denoising", unit="steps")
-
-                out = service.generate(image, mask, prompt, references or None, checkpoint, strength, sampler,
-                                       steps, cfg, seed, blend_alpha, progress=on_step, loras=loras,
-                                       schedule=schedule)
-            except Exception as e:  # noqa: BLE001
-                raise _user_error(e) from None
-            return store.save(out.image, "image"), store.save(out.sub_image, "sub_image"), out.settings
-
-        api_trigger.click(api_edit,
-                          inputs=[api_image, api_mask, api_prompt, api_refs, api_ckpt, api_strength, api_sampler,
-                                  api_steps, api_cfg, api_seed, api_blend, api_loras, api_schedule],
-                          outputs=[api_out_image, api_out_sub, api_out_settings], api_name="edit", preprocess=False,
-                          **_kw(gr.Button.click, api_description="Edit an image (white mask = region to edit).",
-                                concurrency_limit=1, concurrency_id=GPU_GROUP))
-
-        def api_checkpoints():
-            return [{"id": e.id, "run": e.run, "step": e.step, "variant": e.variant, "label": e.label}
-                    for e in service.checkpoints()]
-
-        api_list_trigger.click(api_checkpoints, outputs=api_ckpt_list, api_name="checkpoints", queue=False)
+                _setting_components(page, service, initial_checkpoint, default_steps, max_steps, default_cfg)
+        _output_components(page)
+        api = _api_components(default_steps, default_cfg)
+        _page_events(demo, page, service, store, default_steps, max_steps, default_cfg, lbm_steps)
+        _api_events(api, service, store, default_steps, default_cfg)
     return demo
+
+
+def _input_components(page: SimpleNamespace) -> None:
+    editor = bounded_editor(gr.ImageEditor(**_kw(
+        gr.ImageEditor, label="Image and mask", type="pil", image_mode="RGBA",
+        sources=["upload", "clipboard"], transforms=(), layers=False, format="png",
+        fixed_canvas=False, canvas_size=(1024, 1024), height=620, elem_id="edit-canvas",
+        brush=gr.Brush(colors=[BRUSH_COLOR], default_color=BRUSH_COLOR, color_mode="fixed",
+                       default_size=32),
+        eraser=gr.Eraser(default_size=32))))
+    prompt = gr.Textbox(label="Prompt (edit instruction)", lines=2, elem_id="prompt",
+                        placeholder="e.g. replace the cup with a red teapot")
+    references = gr.Gallery(**_kw(gr.Gallery, label="Extra reference images, in order (optional)",
+                                  type="filepath", interactive=True, columns=4, height=150,
+                                  file_types=["image"], elem_id="references"))
+    vars(page).update(editor=editor, prompt=prompt, references=references)
+
+
+def _setting_components(page: SimpleNamespace, service: EditService, initial_checkpoint: str, default_steps: int,
+                        max_steps: int, default_cfg: float) -> None:
+    with gr.Row():
+        checkpoint = gr.Dropdown(choices=service.checkpoint_choices(), value=initial_checkpoint,
+                                 label="Checkpoint (run · step)", allow_custom_value=True, scale=5,
+                                 elem_id="checkpoint")
+        refresh = gr.Button("↻ Refresh", scale=1, min_width=60, elem_id="refresh")
+    strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
+    extra_files, extra_strengths = [], []
+    if service.max_extra_loras:
+        with gr.Accordion(f"Extra LoRAs stacked on the checkpoint (up to {service.max_extra_loras}; "
+                          "e.g. a Lightning LoRA: 4 steps, CFG 1)", open=False):
+            for i in range(service.max_extra_loras):
+                with gr.Row():
+                    extra_files.append(gr.Dropdown(
+                        choices=service.lora_choices(), value="", label=f"Extra LoRA {i + 1}",
+                        allow_custom_value=True, scale=4, elem_id=f"extra-lora-{i + 1}"))
+                    extra_strengths.append(gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="strength",
+                                                     scale=2, elem_id=f"extra-strength-{i + 1}"))
+    sampler = gr.Radio([("Flow matching", "flow"), (f"LBM (1–{LBM_MAX_STEPS} steps)", "lbm")],
+                       value="flow", label="Sampler")
+    steps = gr.Slider(1, max_steps, value=default_steps, step=1, label="Steps")
+    schedule = gr.Radio([("Qwen (dynamic shift)", "qwen"), ("Lightning (shift 3)", "lightning")],
+                        value="qwen", label="Flow schedule (Lightning LoRAs: 4 steps, CFG 1)",
+                        elem_id="schedule")
+    cfg = gr.Slider(1.0, 10.0, value=default_cfg, step=0.1, label="CFG scale (1 = off)")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed", scale=3, elem_id="seed")
+        randomise = gr.Button("Random seed", scale=1, min_width=60, elem_id="random-seed")
+    blend = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
+                      label="Background blend α (keeps the unmasked area; 0 = off)")
+    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+    status = gr.Markdown(elem_id="status")
+    vars(page).update(checkpoint=checkpoint, refresh=refresh, strength=strength, extra_files=extra_files,
+                      extra_strengths=extra_strengths, sampler=sampler, steps=steps, schedule=schedule, cfg=cfg,
+                      seed=seed, randomise=randomise, blend=blend, generate=generate, status=status)
+
+
+def _output_components(page: SimpleNamespace) -> None:
+    with gr.Row():
+        out_image = gr.Image(label="Edited image", type="pil", format="png", interactive=False,
+                             elem_id="output-image")
+        out_sub = gr.Image(label="Sub image (bridge checkpoints: the edited box on white)", type="pil", format="png",
+                           interactive=False, elem_id="output-sub")
+    if HAS_IMAGE_SLIDER:
+        compare = [gr.ImageSlider(**_kw(gr.ImageSlider, label="Before / after", type="pil", format="png",
+                                        interactive=False, elem_id="compare", max_height=512))]
+    else:
+        with gr.Row():
+            compare = [gr.Image(label="Before", type="pil", interactive=False),
+                       gr.Image(label="After", type="pil", interactive=False)]
+    use_as_input = gr.Button("⤴ Use as input (chain another edit)", elem_id="use-as-input")
+    settings_json = gr.JSON(label="Settings that produced this output", elem_id="settings")
+    vars(page).update(out_image=out_image, out_sub=out_sub, compare=compare, use_as_input=use_as_input,
+                      settings_json=settings_json)
+
+
+def _api_components(default_steps: int, default_cfg: float) -> SimpleNamespace:
+    """The hidden inputs and outputs of `/edit` and `/checkpoints`."""
+    api = SimpleNamespace()
+    with gr.Column(visible=False):
+        api_image = gr.File(label="image", type="filepath")
+        api_mask = gr.File(label="mask", type="filepath")
+        api_prompt = gr.Textbox(label="prompt", value="")
+        api_refs = gr.File(label="references", file_count="multiple", type="filepath")
+        api_ckpt = gr.Textbox(label="checkpoint", value="")
+        api_strength = gr.Number(label="strength", value=1.0)
+        api_sampler = gr.Textbox(label="sampler", value="flow")
+        api_steps = gr.Number(label="steps", value=default_steps, precision=0)
+        api_cfg = gr.Number(label="cfg", value=default_cfg)
+        api_seed = gr.Number(label="seed", value=0, precision=0)
+        api_blend = gr.Number(label="blend_alpha", value=0.0)
+        api_loras = gr.Textbox(label="loras", value="")
+        api_schedule = gr.Textbox(label="schedule", value="qwen")
+        api_out_image = gr.Image(label="image", type="pil", format="png")
+        api_out_sub = gr.Image(label="sub_image", type="pil", format="png")
+        api_out_settings = gr.JSON(label="settings")
+        api_ckpt_list = gr.JSON(label="checkpoints")
+        api_trigger = gr.Button("api", visible=False)
+        api_list_trigger = gr.Button("api-list", visible=False)
+    vars(api).update(image=api_image, mask=api_mask, prompt=api_prompt, refs=api_refs, ckpt=api_ckpt,
+                     strength=api_strength, sampler=api_sampler, steps=api_steps, cfg=api_cfg, seed=api_seed,
+                     blend=api_blend, loras=api_loras, schedule=api_schedule, out_image=api_out_image,
+                     out_sub=api_out_sub, out_settings=api_out_settings, ckpt_list=api_ckpt_list, trigger=api_trigger,
+                     list_trigger=api_list_trigger)
+    return api
+
+
+def _page_events(demo: gr.Blocks, page: SimpleNamespace, service: EditService, store: PngStore, default_steps: int,
+                 max_steps: int, default_cfg: float, lbm_steps: int) -> None:
+    p = page  # the components, by name
+    def ui_generate(editor_value, prompt_v, refs_v, ckpt_v, strength_v, sampler_v, steps_v, cfg_v, seed_v,
+                    blend_v, schedule_v, progress=gr.Progress(), *extra_v):  # progress: gradio inserts it
+        try:
+            image, mask, notes = mask_from_editor(editor_value)
+            if image is None:
+                raise AppInputError("upload an image first (drop it on the editor)")
+            progress(0, desc="encoding prompt and images")
+            before = store.save_later(lambda: _before_image(image, service.max_upload_pixels), "before")
+
+            def on_step(i: int, total: int) -> None:
+                progress((i, total), desc="denoising", unit="steps")
+
+            out = service.generate(image, mask, prompt_v, refs_v or None, ckpt_v, strength_v, sampler_v,
+                                   steps_v, cfg_v, seed_v, blend_v, progress=on_step,
+                                   mask_source="painted" if mask is not None else "none (whole image)",
+                                   notices=notes, loras=_slot_loras(extra_v), schedule=schedule_v)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message; the server keeps serving
+            raise _user_error(e) from None
+        image_path, sub_path = store.save(out.image, "image"), store.save(out.sub_image, "sub_image")
+        try:
+            source_path = before.result()
+        except Exception:  # noqa: BLE001 - written again below
+            source_path = None
+        if source_path is None or _png_size(source_path) != out.source.size:  # the service resized the input
+            source_path = store.save(out.source, "before")
+        comparison = [(source_path, image_path)] if HAS_IMAGE_SLIDER else [source_path, image_path]
+        return [image_path, sub_path, *comparison, out.settings, _status(out.settings)]
+
+    p.generate.click(ui_generate,
+                     inputs=[p.editor, p.prompt, p.references, p.checkpoint, p.strength, p.sampler, p.steps, p.cfg,
+                             p.seed, p.blend, p.schedule, *p.extra_files, *p.extra_strengths],
+                     outputs=[p.out_image, p.out_sub, *p.compare, p.settings_json, p.status],
+                     concurrency_limit=1, concurrency_id=GPU_GROUP, **_undocumented("ui_generate"))
+
+    def refresh_choices(current):
+        choices = service.checkpoint_choices()
+        values = {v for _, v in choices}
+        return gr.update(choices=choices, value=current if current in values else "")
+
+    p.refresh.click(refresh_choices, inputs=p.checkpoint, outputs=p.checkpoint, queue=False, **_private())
+    demo.load(refresh_choices, inputs=p.checkpoint, outputs=p.checkpoint, queue=False, **_private())
+
+    def refresh_lora_choices(*current):
+        choices = service.lora_choices()
+        values = {v for _, v in choices}
+        updates = [gr.update(choices=choices, value=c if c in values else "") for c in current]
+        return updates[0] if len(updates) == 1 else updates
+
+    if p.extra_files:
+        p.refresh.click(refresh_lora_choices, inputs=p.extra_files, outputs=p.extra_files, queue=False, **_private())
+        demo.load(refresh_lora_choices, inputs=p.extra_files, outputs=p.extra_files, queue=False, **_private())
+    p.randomise.click(lambda: random.randint(0, 2**31 - 1), outputs=p.seed, queue=False, **_private())
+
+    def on_sampler(s, current_steps):
+        if s == "lbm":
+            v = int(current_steps or lbm_steps)
+            return gr.update(maximum=LBM_MAX_STEPS, value=v if 1 <= v <= LBM_MAX_STEPS else lbm_steps), \
+                gr.update(value=1.0)
+        return gr.update(maximum=max_steps, value=default_steps), gr.update(value=default_cfg)
+
+    p.sampler.change(on_sampler, inputs=[p.sampler, p.steps], outputs=[p.steps, p.cfg], queue=False, **_private())
+
+    def use_output(image):
+        if image is None:
+            raise gr.Error("no output yet: generate first")
+        return {"background": image, "layers": [], "composite": image}
+
+    p.use_as_input.click(use_output, inputs=p.out_image, outputs=p.editor, queue=False,
+                         **_undocumented("use_as_input"))
+
+
+def _api_events(api: SimpleNamespace, service: EditService, store: PngStore, default_steps: int,
+                default_cfg: float) -> None:
+    a = api  # the hidden components, by name
+
+    def api_edit(image, mask=None, prompt="", references=None, checkpoint="", strength=1.0, sampler="flow",
+                 steps=default_steps, cfg=default_cfg, seed=0, blend_alpha=0.0, loras="", schedule="qwen",
+                 progress=gr.Progress()):
+        try:
+            if image is None:
+                raise AppInputError("no image given")
+
+            def on_step(i: int, total: int) -> None:
+                progress((i, total), desc="denoising", unit="steps")
+
+            out = service.generate(image, mask, prompt, references or None, checkpoint, strength, sampler,
+                                   steps, cfg, seed, blend_alpha, progress=on_step, loras=loras,
+                                   schedule=schedule)
+        except Exception as e:  # noqa: BLE001
+            raise _user_error(e) from None
+        return store.save(out.image, "image"), store.save(out.sub_image, "sub_image"), out.settings
+
+    a.trigger.click(api_edit,
+                    inputs=[a.image, a.mask, a.prompt, a.refs, a.ckpt, a.strength, a.sampler, a.steps, a.cfg, a.seed,
+                            a.blend, a.loras, a.schedule],
+                    outputs=[a.out_image, a.out_sub, a.out_settings], api_name="edit", preprocess=False,
+                    **_kw(gr.Button.click, api_description="Edit an image (white mask = region to edit).",
+                          concurrency_limit=1, concurrency_id=GPU_GROUP))
+
+    def api_checkpoints():
+        return [{"id": e.id, "run": e.run, "step": e.step, "variant": e.variant, "label": e.label}
+                for e in service.checkpoints()]
+
+    a.list_trigger.click(api_checkpoints, outputs=a.ckpt_list, api_name="checkpoints", queue=False)
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7999, share: bool = False,

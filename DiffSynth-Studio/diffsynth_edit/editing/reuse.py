@@ -46,7 +46,7 @@ def _weights_identity(cfg) -> dict[str, Any]:
 
 def run_settings(cfg) -> dict[str, Any]:
     """Everything of an EditConfig/EvaluateConfig that decides the output pixels, as JSON-able values."""
-    from .cli import ModelOptions, SamplerOptions
+    from .options import ModelOptions, SamplerOptions
 
     names = [f.name for f in dataclasses.fields(ModelOptions)] + [f.name for f in dataclasses.fields(SamplerOptions)]
     settings: dict[str, Any] = {"version": FINGERPRINT_VERSION}

@@ -19,7 +19,8 @@ def main_train(argv: list[str] | None = None, objective: str | None = None, prog
     from ..checkpoint import CheckpointError
     from ..loading import MissingWeightsError
     from ..variants import VariantMismatchError
-    from .loop import TrainingError, train
+    from .faults import TrainingError
+    from .loop import train
     from .state_io import StateFileError
 
     try:

@@ -1,4 +1,5 @@
-"""A full or read-only output folder during training: one line naming the file, and the last good state kept.
+"""What a training run does when it cannot continue: `TrainingError`, the crash-test hook, and a full or read-only
+output folder turned into one line naming the file, with the last good state kept.
 
 Every write of the trainer is atomic (checkpoints through `atomic.atomic_path`, the resume state as a new folder
 swapped in by renames), so a failed write leaves the previous files whole; this module turns the failure into the
@@ -10,6 +11,12 @@ import errno
 import json
 import shutil
 from pathlib import Path
+
+KILL_ENV = "DIFFSYNTH_EDIT_TRAIN_TEST_KILL"  # crash tests: "step:<n>" or "state-swap:<n>" (atomic.kill_point)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, bad resume state …); nothing corrupt was written."""
 
 
 def _io_reason(e: BaseException) -> tuple[str | None, str] | None:

@@ -7,7 +7,8 @@ import torch
 
 from ..atomic import atomic_path
 from ..cache.store import CachedSample, open_cache
-from ..editing.editor import EditSettings, Editor, PreparedEdit
+from ..editing.editor import Editor
+from ..editing.request import EditSettings, PreparedEdit
 from ..encoding import vae_decode
 from ..geometry import Box
 from ..imagegrid import make_grid
