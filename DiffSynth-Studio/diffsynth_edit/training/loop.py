@@ -21,6 +21,7 @@ from ..checkpoint import read_checkpoint, write_checkpoint
 from ..speedups import compile_blocks
 from ..config import config_to_dict
 from ..loading import ModelSources, load_pipeline
+from ..low_memory import apply_low_memory, low_memory_enabled
 from ..ste import STE
 from ..variants import VariantMismatchError, get_variant
 from .config import TrainConfig
@@ -244,7 +245,9 @@ class Trainer:
                                dit_activation=cfg.dit_activation)
         need_vae = bool(cfg.validate_every) or cfg.pixel_loss_weight > 0
         components = ("dit", "vae") if need_vae else ("dit",)
-        self.pipe = load_pipeline(sources, components=components, device=str(self.device), torch_dtype=dtype)
+        lowmem = low_memory_enabled(cfg)  # the DiT is then loaded on the host and moved block by block
+        self.pipe = load_pipeline(sources, components=components, device="cpu" if lowmem else str(self.device),
+                                  torch_dtype=dtype)
         dit = self.pipe.dit
         if frozen_dtype(dit) != dtype:
             raise TrainingError(f"the DiT was loaded as {frozen_dtype(dit)}, not the requested {dtype}")
@@ -268,6 +271,8 @@ class Trainer:
                             f"run trains with {cfg.dit_activation} (dit_activation)")
             self._print(f"[train] warm start from {cfg.init_from}: {info}")
         self.n_trainable = sum(p.numel() for p in params)
+        if lowmem:
+            apply_low_memory(dit, cfg, self.device, pipe=self.pipe)
         if cfg.compile_blocks:
             if self.zero3:
                 raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
