@@ -238,3 +238,22 @@ def test_cli_bad_blocks_to_swap_exits_with_one_line(cache_dir, tiny_root, tmp_pa
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--blocks-to-swap" in err[0]
+
+
+@pytest.mark.parametrize("preset, rank, mode", [("train_2511_24g.toml", 32, "plain"), ("train_2511_48g.toml", 512,
+                                                                                         "bridge")])
+def test_low_memory_presets_parse_and_validate(preset, rank, mode):
+    from pathlib import Path
+
+    from diffsynth_edit.config import parse_config
+    from diffsynth_edit.training.config import TrainConfig
+    from diffsynth_edit.variants import LORA_TARGETS_UPSTREAM
+
+    path = Path(__file__).resolve().parents[1] / "configs" / preset
+    cfg = parse_config(TrainConfig, ["--preset", str(path)], section="train")
+    assert cfg.fp8_base and cfg.blocks_to_swap == 20 and cfg.gradient_checkpointing
+    assert (cfg.lora_rank, cfg.mode) == (rank, mode)
+    if rank == 32:
+        assert tuple(cfg.lora_targets) == LORA_TARGETS_UPSTREAM
+    with pytest.raises(SystemExit):  # a bad override of the preset's value is refused at parse time
+        parse_config(TrainConfig, ["--preset", str(path), "--blocks-to-swap", "x"], section="train")
