@@ -180,10 +180,10 @@ def _train(cache_dir, tiny_root, out, **kw):
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.loop import Trainer
 
-    cfg = TrainConfig(cache_dir=cache_dir, model_root=tiny_root, output_dir=out, run_name="run", lora_rank=4,
-                      optimizer="adamw", learning_rate=1e-3, gradient_accumulation=1, batch_size=2, max_steps=6,
-                      save_every=100, gradient_checkpointing=True, wandb=False, device="cpu", cfg_drop_prob=0.0,
-                      **kw)
+    base = dict(cache_dir=cache_dir, model_root=tiny_root, output_dir=out, run_name="run", lora_rank=4,
+                optimizer="adamw", learning_rate=1e-3, gradient_accumulation=1, batch_size=2, max_steps=6,
+                save_every=100, gradient_checkpointing=True, wandb=False, device="cpu", cfg_drop_prob=0.0)
+    cfg = TrainConfig(**(base | kw))
     cfg.validate()
     trainer = Trainer(cfg)
     trainer.build()
@@ -257,3 +257,77 @@ def test_low_memory_presets_parse_and_validate(preset, rank, mode):
         assert tuple(cfg.lora_targets) == LORA_TARGETS_UPSTREAM
     with pytest.raises(SystemExit):  # a bad override of the preset's value is refused at parse time
         parse_config(TrainConfig, ["--preset", str(path), "--blocks-to-swap", "x"], section="train")
+
+
+# ---- editing ----------------------------------------------------------------------------------------------------
+def _edit(editor):
+    import numpy as np
+    from PIL import Image
+
+    from diffsynth_edit.editing.editor import EditRequest, EditSettings
+
+    rng = np.random.RandomState(0)
+    image = Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8))
+    ref = Image.fromarray(rng.randint(0, 256, (64, 64, 3), dtype=np.uint8))
+    return editor.edit(EditRequest(image=image, prompt="turn the square red", references=[ref]),
+                       EditSettings(steps=2, cfg_scale=2.0, seed=3)).latents
+
+
+def _editor(tiny_root, **kw):
+    from diffsynth_edit.editing.cli import ModelOptions, build_editor
+
+    return build_editor(ModelOptions(model_root=tiny_root, device="cpu", **kw))
+
+
+def test_editor_with_swapped_dit_and_text_encoder_equals_resident(tiny_root):
+    plain = _edit(_editor(tiny_root))
+    editor = _editor(tiny_root, blocks_to_swap=2, text_encoder_blocks_to_swap=1)
+    assert editor.pipe.dit._block_swapper.first == 1 and editor.pipe.text_encoder._block_swapper.first == 1
+    assert editor.hot_swap  # LoRAs cannot be merged into host-resident or fp8 weights
+    assert torch.equal(_edit(editor), plain)
+    assert torch.equal(_edit(editor), plain)  # again, from the state the first edit left
+
+
+def test_editor_with_fp8_base_stays_close_to_bf16(tiny_root):
+    plain = _edit(_editor(tiny_root))
+    low = _edit(_editor(tiny_root, fp8_base=True, blocks_to_swap=2))
+    assert not torch.equal(low, plain)
+    # fp8 weights (relative rounding ≤ 2^-4) over two CFG steps of the tiny model: within 5 % of the latents' scale
+    assert float((low - plain).abs().max()) <= 0.05 * float(plain.abs().max())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text-encoder-blocks-to-swap", "2"], "--text-encoder-blocks-to-swap 2: the model has 2 blocks"),
+    (["--blocks-to-swap", "3"], "--blocks-to-swap 3: the model has 3 blocks"),
+    (["--blocks-to-swap", "-1"], "--blocks-to-swap must be an integer ≥ 0"),
+])
+def test_edit_cli_bad_low_memory_flags(tiny_root, tmp_path, capsys, args, message):
+    from PIL import Image
+
+    from diffsynth_edit.editing.cli import main
+
+    src = tmp_path / "s.png"
+    Image.new("RGB", (64, 64), "white").save(src)
+    rc = main(["edit", "--image", str(src), "--prompt", "x", "--model-root", str(tiny_root), "--out",
+               str(tmp_path / "out"), "--device", "cpu", "--steps", "1", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and message in err[0], err
+
+
+def test_editor_hot_loads_a_checkpoint_onto_swapped_fp8_blocks(cache_dir, tiny_root, tmp_path):
+    """A trained checkpoint (LoRA + STE) runs beside swapped blocks exactly as beside resident ones (both hot-loaded),
+    and beside fp8 blocks close to that."""
+    from diffsynth_edit.editing.editor import Editor
+    from diffsynth_edit.loading import ModelSources, load_pipeline
+
+    trainer, _ = _train(cache_dir, tiny_root, tmp_path / "ckpt", max_steps=2)
+    ckpt = sorted((tmp_path / "ckpt" / "run").rglob("*.safetensors"))
+    ckpt = [p for p in ckpt if "state" not in p.parts][-1]
+    resident = Editor(load_pipeline(ModelSources(model_root=tiny_root), torch_dtype=torch.float32), hot_swap=True)
+    resident.load_checkpoint(ckpt)
+    assert resident.ste is not None
+    expected = _edit(resident)
+    swapped = _editor(tiny_root, blocks_to_swap=2, checkpoint=ckpt)
+    assert swapped.ste is not None and torch.equal(_edit(swapped), expected)
+    low = _edit(_editor(tiny_root, blocks_to_swap=2, fp8_base=True, checkpoint=ckpt))
+    assert float((low - expected).abs().max()) <= 0.05 * float(expected.abs().max())

@@ -42,8 +42,11 @@ class Fp8LinearFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _fp8_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return Fp8LinearFunction.apply(x, self.fp8_weight, self.fp8_scale, self.bias)
+def _fp8_linear_forward(self: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    out = Fp8LinearFunction.apply(x, self.fp8_weight, self.fp8_scale, self.bias)
+    if getattr(self, "lora_A_weights", None):  # diffsynth's hot-loaded LoRAs (the editor's hot-swap mode)
+        out = self.lora_forward(x, out)
+    return out
 
 
 def to_fp8_linear(linear: torch.nn.Linear, device: torch.device | str | None = None) -> None:
@@ -64,11 +67,11 @@ def to_fp8_linear(linear: torch.nn.Linear, device: torch.device | str | None = N
 
 
 def frozen_linears(root: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """(name, layer) of every frozen `nn.Linear` inside `root` (peft's base layers included; LoRA A/B, which are
-    trainable, and layers already converted are left out)."""
+    """(name, layer) of every frozen `nn.Linear` inside `root`: peft's base layers and diffsynth's hot-load wrappers
+    (`AutoWrappedLinear`, an `nn.Linear`) included; LoRA A/B and layers already converted left out."""
     out = []
     for name, module in root.named_modules():
-        if (type(module) is torch.nn.Linear and not hasattr(module, "fp8_weight")
+        if (isinstance(module, torch.nn.Linear) and not hasattr(module, "fp8_weight")
                 and not module.weight.requires_grad and ".lora_" not in f".{name}"):
             out.append((name, module))
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from ..config import ConfigError, ModelPathOptions, config_to_dict, parse_config
+from ..low_memory import LowMemoryOptions, apply_low_memory, low_memory_enabled
 
 USAGE = """usage:
   edit_images.py edit (--dataset FILE.json | --image IMG --prompt TEXT [--mask MASK]) --out DIR [model/sampler flags]
@@ -34,7 +35,7 @@ def _h(text: str) -> dict:
 
 
 @dataclass
-class ModelOptions(ModelPathOptions):
+class ModelOptions(ModelPathOptions, LowMemoryOptions):
     """Where the model comes from and how it runs."""
 
     variant: str = field(default="2511", metadata=_h("Qwen-Image-Edit variant: 2511 or 2509"))
@@ -242,8 +243,11 @@ def build_editor(cfg: ModelOptions):
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
         raise SystemExit(f"--compile and --fp8 need a CUDA device (--device); this run is on {device}")
-    pipe = load_pipeline(sources_from(cfg), device=device, torch_dtype=dtype)
-    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode, activation=cfg.dit_activation)
+    lowmem = low_memory_enabled(cfg)  # load on the host, then place block by block; LoRAs hot-load beside fp8
+    pipe = load_pipeline(sources_from(cfg), device="cpu" if lowmem else device, torch_dtype=dtype)
+    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode, activation=cfg.dit_activation, hot_swap=lowmem)
+    if lowmem:
+        apply_low_memory(pipe.dit, cfg, device, pipe=pipe)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
     if cfg.lora:
