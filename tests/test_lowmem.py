@@ -225,7 +225,7 @@ def test_too_many_swapped_blocks_is_refused_naming_the_flag(tmp_path):
 
     from diffsynth_edit.low_memory import apply_low_memory
 
-    with pytest.raises(ConfigError, match=r"--blocks-to-swap 4: the DiT has 4 blocks"):
+    with pytest.raises(ConfigError, match=r"--blocks-to-swap 4: the model has 4 blocks"):
         apply_low_memory(_tiny_dit(), SimpleNamespace(fp8_base=False, blocks_to_swap=4), "cpu")
 
 
