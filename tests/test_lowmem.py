@@ -331,3 +331,36 @@ def test_editor_hot_loads_a_checkpoint_onto_swapped_fp8_blocks(cache_dir, tiny_r
     assert swapped.ste is not None and torch.equal(_edit(swapped), expected)
     low = _edit(_editor(tiny_root, blocks_to_swap=2, fp8_base=True, checkpoint=ckpt))
     assert float((low - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+
+
+# ---- phase 1 ----------------------------------------------------------------------------------------------------
+def test_cache_with_swapped_text_encoder_layers_is_identical(cache_dir, tiny_root, tmp_path):
+    from diffsynth_edit.cache.config import CacheConfig
+    from diffsynth_edit.cache.encode import run_cache
+    from diffsynth_edit.cache.store import open_cache
+
+    plain = open_cache(cache_dir)
+    cfg = CacheConfig(dataset=cache_dir.parent / "raw" / "dataset.json", cache_dir=tmp_path / "cache",
+                      model_root=tiny_root, variant="2511", dtype="fp32", device="cpu", progress=False,
+                      text_encoder_blocks_to_swap=1)
+    cfg.validate()
+    assert run_cache(cfg).encoded == 4
+    swapped = open_cache(cfg.cache_dir)
+    for i in range(4):
+        a, b = vars(plain.load(i)), vars(swapped.load(i))
+        assert a.keys() == b.keys()
+        tensors = 0
+        for k in a:
+            pairs = zip(a[k], b[k]) if isinstance(a[k], (list, tuple)) else [(a[k], b[k])]
+            for x, y in pairs:
+                if isinstance(x, torch.Tensor):
+                    assert torch.equal(x, y), k
+                    tensors += 1
+        assert tensors >= 3  # prompt embedding and mask, latents
+
+
+def test_cache_refuses_negative_text_encoder_swap():
+    from diffsynth_edit.cache.config import CacheConfig
+
+    with pytest.raises(ConfigError, match="--text-encoder-blocks-to-swap must be an integer ≥ 0"):
+        CacheConfig(dataset="x.json", text_encoder_blocks_to_swap=-2).validate()

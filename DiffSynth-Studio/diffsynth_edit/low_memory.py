@@ -81,14 +81,16 @@ def apply_low_memory(dit: torch.nn.Module, cfg, device: torch.device | str, pipe
         if name != "transformer_blocks":
             child.to(device)
     if pipe is not None:
-        _place_pipeline(pipe, n_te, device)
+        place_encoders(pipe, n_te, device)
     swapper = BlockSwapper.attach(dit, n_swap, device) if n_swap else None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return swapper
 
 
-def _place_pipeline(pipe, n_te: int, device: torch.device) -> None:
+def place_encoders(pipe, n_te: int, device: torch.device | str) -> None:
+    """The text encoder (its last `n_te` decoder layers swapped) and the VAE on `device` (phase 1, the editor)."""
+    device = torch.device(device)
     te = getattr(pipe, "text_encoder", None)
     if te is not None:
         layers = _text_encoder_layers(te)
