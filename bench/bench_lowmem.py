@@ -10,9 +10,9 @@ In one process, on the same batch and the same LoRA initialisation (seeded):
   then the frozen blocks go to fp8 in place, and
   (3) configs/train_2511_24g.toml's tier: (1) with fp8 base + --swap-24 swapped blocks, under a 24 GiB cap
   (4) configs/train_2511_48g.toml's tier: (2) with fp8 base + --swap-48 swapped blocks, under a 48 GiB cap
-  (5) editing: --edit-steps denoising steps with CFG (two forwards each) on the fp8 DiT with --swap-edit swapped
-      blocks, no gradients, under a 24 GiB cap (the DiT's share of an edit; the text encoder and VAE run before and
-      after it, one model on the card at a time)
+  (5) a whole edit through the `Editor` (full-size text encoder and VAE, random weights): text encoder with --swap-te
+      of its 28 layers swapped, VAE, the fp8 DiT with --swap-edit swapped blocks, --edit-steps CFG steps, under a
+      24 GiB cap; (6) its `prepare` alone (text encoder + VAE encode: phase 1's work per sample, batch 1)
 The cap is `torch.cuda.set_per_process_memory_fraction(cap / total)`: the caching allocator raises out-of-memory
 instead of growing past it. Reported: max_memory_allocated, median s/step of --repeats steps after --warmup, and
 the losses of the first steps of (3)/(4) against (1)/(2) (what fp8 costs in accuracy; swapping changes no number).
@@ -96,29 +96,47 @@ def train_case(dit, batch, noised, device, a, mode, rank, targets, optimizer, td
             torch.cuda.empty_cache()
 
 
-def edit_case(dit, batch, noised, device, a):
-    """`edit_steps` CFG denoising steps (two forwards each) without gradients: (median s/step, peak GiB)."""
-    from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
+def edit_case(dit, device, dtype, a):
+    """A whole edit through the `Editor` (text encoder + VAE encode, `edit_steps` CFG steps, VAE decode) of a 1024²
+    image with one 1024² reference, the DiT's and the text encoder's last blocks swapped: (s per edit, peak GiB,
+    s for `prepare` alone (text encoder + VAE encode: the work of phase 1 per sample), its peak GiB)."""
+    import tempfile
+    from pathlib import Path
 
-    dtype = batch["prompt_emb"].dtype
-    x = noised.latents.to(dtype)
-    inp = lambda emb: DiTInputs(latents=x, timestep=noised.timestep, prompt_emb=emb,  # noqa: E731
-                                prompt_emb_mask=batch["prompt_emb_mask"], edit_latents=batch["edit_latents"])
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with torch.no_grad():
-        for i in range(a.edit_steps + 1):
+    import numpy as np
+    from PIL import Image
+
+    from harness import build_full_pipeline, build_tiny_pipeline
+
+    from diffsynth_edit.editing.editor import Editor, EditRequest, EditSettings
+    from diffsynth_edit.low_memory import place_encoders
+
+    pipe = (build_tiny_pipeline(Path(tempfile.mkdtemp()), device, dtype) if a.tiny
+            else build_full_pipeline(device, dtype))
+    pipe.dit = dit
+    place_encoders(pipe, a.swap_te, device)
+    editor = Editor(pipe, variant="2511")
+    size = 64 if a.tiny else 1024
+    rng = np.random.RandomState(0)
+    img, ref = (Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(2))
+    request = EditRequest(image=img, prompt="put the cat from picture 2 on the sofa", references=[ref])
+    settings = EditSettings(steps=a.edit_steps, cfg_scale=4.0, seed=0)
+    editor.edit(request, settings)  # warm-up
+    cap(device, 24)
+    out = []
+    for fn in (lambda: editor.edit(request, settings), lambda: editor.prepare(request, settings)):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t = time.perf_counter()
+        try:
+            fn()
             sync(device)
-            t = time.perf_counter()
-            pos = bridge_forward(dit, inp(batch["prompt_emb"]), zero_cond_t=True)[0]
-            neg = bridge_forward(dit, inp(batch["prompt_emb"] * 0), zero_cond_t=True)[0]
-            x = x - 0.02 * (neg + 4.0 * (pos - neg))
-            sync(device)
-            if i:
-                times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / GIB if device == "cuda" else float("nan")
-    return statistics.median(times), peak
+            out += [time.perf_counter() - t,
+                    torch.cuda.max_memory_allocated() / GIB if device == "cuda" else float("nan")]
+        except torch.OutOfMemoryError:
+            out += [float("nan"), float("nan")]
+    return tuple(out)
 
 
 def cap(device, gib):
@@ -145,7 +163,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--swap-24", type=int, default=20, help="swapped blocks of the 24 GiB tier (the preset's)")
     p.add_argument("--swap-48", type=int, default=20, help="swapped blocks of the 48 GiB tier (the preset's)")
-    p.add_argument("--swap-edit", type=int, default=8, help="swapped blocks for the edit under 24 GiB")
+    p.add_argument("--swap-edit", type=int, default=12, help="swapped DiT blocks for the edit under 24 GiB")
+    p.add_argument("--swap-te", type=int, default=24, help="swapped text-encoder layers for the edit under 24 GiB")
     p.add_argument("--edit-steps", type=int, default=3)
     p.add_argument("--skip-48", action="store_true")
     a = p.parse_args()
@@ -153,6 +172,7 @@ def main() -> int:
     dtype = torch.float32 if a.tiny else torch.bfloat16
     if a.tiny:
         a.swap_24 = a.swap_48 = a.swap_edit = 2
+        a.swap_te = 1
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
     from diffsynth_edit.fp8_base import quantise_frozen_blocks
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
@@ -191,13 +211,12 @@ def main() -> int:
         tier(f"(4) fp8 base + {a.swap_48} swapped blocks: as (2)", bridge, a.swap_48, 48, ref512)
     cap(device, 1.0e9)
     swap(dit, a.swap_edit, device)
-    cap(device, 24)
-    try:
-        med, peak = edit_case(dit, batch, noised, device, a)
-    except torch.OutOfMemoryError:
-        med, peak = float("nan"), float("nan")
-    rows.append((f"(5) edit: fp8 DiT + {a.swap_edit} swapped blocks, CFG step (2 forwards, plain 1024² + ref)",
-                 "24 GiB", med, peak))
+    edit_s, edit_peak, prep_s, prep_peak = edit_case(dit, device, dtype, a)
+    rows.append((f"(5) edit through the Editor: fp8 DiT + {a.swap_edit} swapped blocks, text encoder with {a.swap_te} "
+                 f"of 28 layers swapped; {a.edit_steps} CFG steps + encode + decode, s per edit", "24 GiB", edit_s,
+                 edit_peak))
+    rows.append(("(6) its `prepare` alone (text encoder + VAE encode of 2 images: phase 1's work per sample)",
+                 "24 GiB", prep_s, prep_peak))
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² target + one {size}² reference, 256 text tokens, "
