@@ -198,7 +198,9 @@ def check_against_model(ckpt: Checkpoint, dit: torch.nn.Module, ste_template: to
     linears = {}
     for name, mod in dit.named_modules():
         weight = getattr(mod, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        if isinstance(mod, torch.nn.Linear):  # its declared shape: fp8 or host-resident weights hold placeholders
+            linears[name.replace(".base_layer", "")] = (mod.out_features, mod.in_features)
+        elif isinstance(weight, torch.Tensor) and weight.ndim == 2:
             linears[name.replace(".base_layer", "")] = tuple(weight.shape)
     missing = [n for n in ckpt.lora.modules if n not in linears]
     if missing:

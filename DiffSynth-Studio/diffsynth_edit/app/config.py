@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from ..config import ConfigError, ModelPathOptions, add_config_flags, build_config, load_preset
+from ..low_memory import LowMemoryOptions
 
 DEFAULT_PORT = 7999
 
@@ -19,7 +20,7 @@ def _help(text: str):
 
 
 @dataclass
-class AppConfig(ModelPathOptions):
+class AppConfig(ModelPathOptions, LowMemoryOptions):
     # serving
     host: str | None = field(default=None, metadata=_help(
         "interface to bind (default 127.0.0.1: this machine only; give 0.0.0.0 to serve the network)"))

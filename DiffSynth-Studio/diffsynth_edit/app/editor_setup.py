@@ -8,6 +8,7 @@ from typing import Callable
 from ..config import ConfigError
 from ..editing.editor import Editor
 from ..loading import MissingWeightsError, ModelSources, load_pipeline
+from ..low_memory import apply_low_memory, low_memory_enabled
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -44,26 +45,29 @@ def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[
     if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
         raise ConfigError(f"`compile` and `fp8` need a CUDA device; this app runs on {device}")
     notices: list[str] = []
+    load_device = "cpu" if low_memory_enabled(cfg) else device  # low memory: placed by apply_low_memory below
     if cfg.tiny:
         sources = tiny_sources(cfg.tiny_root, cfg.variant)
         notices.append("Running on the tiny random model (--tiny): it shows the app working; its edits are noise.")
-        pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
+        pipe = load_pipeline(sources, device=load_device, torch_dtype=dtype)
     else:
         sources = cfg.model_sources(cfg.variant)
         try:
-            pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
+            pipe = load_pipeline(sources, device=load_device, torch_dtype=dtype)
         except MissingWeightsError as e:
             if not cfg.tiny_fallback:
                 raise
             sources = tiny_sources(cfg.tiny_root, cfg.variant)
             notices.append(f"No Qwen-Image-Edit-{cfg.variant} weights found, so the app runs on the tiny random "
                            f"model: its edits are noise. To use the real model: {e}")
-            pipe = load_pipeline(sources, device=device, torch_dtype=dtype)
+            pipe = load_pipeline(sources, device=load_device, torch_dtype=dtype)
     for n in notices:
         log(f"[app] {n}")
     log(f"[app] model: Qwen-Image-Edit-{sources.variant} on {device} ({str(dtype).replace('torch.', '')})")
     editor = Editor(pipe, variant=sources.variant, hot_swap=True, activation=cfg.dit_activation,
                     log=lambda m: log(m.replace("[editor]", "[app]", 1)))
+    if low_memory_enabled(cfg):
+        apply_low_memory(pipe.dit, cfg, device, pipe=pipe)
     if cfg.compile or cfg.fp8:
         editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8)
         log(f"[app] speed-ups: {', '.join(n for n, on in (('compiled blocks', cfg.compile), ('fp8', cfg.fp8)) if on)}")

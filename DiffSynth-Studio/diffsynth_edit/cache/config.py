@@ -31,6 +31,9 @@ class CacheConfig(ModelPathOptions):
                                                                    "pixels, sides multiples of 16"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda, cuda:N or cpu"})
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "model and cache dtype"})
+    text_encoder_blocks_to_swap: int = field(default=0, metadata={"help": (
+        "keep the last N of the text encoder's 28 decoder layers in pinned host memory, each copied to the GPU one "
+        "layer ahead of use (small cards)")})
     batch_size: int = field(default=4, metadata={"help": "samples per device batch (one text-encoder call) and "
                                                           "images per VAE call (same-shape images only)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N samples (no pruning)"})
@@ -64,6 +67,9 @@ class CacheConfig(ModelPathOptions):
         self.variant = get_variant(self.variant).name
         if self.max_pixels < 256:
             raise ConfigError("`max_pixels` must be at least 256")
+        if not isinstance(self.text_encoder_blocks_to_swap, int) or self.text_encoder_blocks_to_swap < 0:
+            raise ConfigError(f"--text-encoder-blocks-to-swap must be an integer ≥ 0, got "
+                              f"{self.text_encoder_blocks_to_swap!r}")
         if self.batch_size < 1:
             raise ConfigError("`batch_size` must be at least 1")
         if self.limit is not None and self.limit < 1:

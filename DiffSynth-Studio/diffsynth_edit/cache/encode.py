@@ -126,6 +126,7 @@ def _check_weights(src) -> None:
 def _load_encoders(cfg: CacheConfig, src, dist: _Dist):
     """The text encoder, VAE, tokenizer and processor (never the DiT) on this rank's device."""
     from ..loading import load_pipeline
+    from ..low_memory import place_encoders
 
     processor = None
     if _use_processes(cfg, dist.device):
@@ -135,7 +136,10 @@ def _load_encoders(cfg: CacheConfig, src, dist: _Dist):
         _process_pool(cfg.num_workers, processor)
     pipe = load_pipeline(src, components=("text_encoder", "vae", "tokenizer") + (() if processor else
                                                                                 ("processor",)),
-                         device=dist.device, torch_dtype=TORCH_DTYPES[cfg.dtype])
+                         device="cpu" if cfg.text_encoder_blocks_to_swap else dist.device,
+                         torch_dtype=TORCH_DTYPES[cfg.dtype])
+    if cfg.text_encoder_blocks_to_swap:  # loaded on the host, placed layer by layer
+        place_encoders(pipe, cfg.text_encoder_blocks_to_swap, dist.device)
     pipe.processor = processor or pipe.processor
     return pipe
 

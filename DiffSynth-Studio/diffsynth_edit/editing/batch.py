@@ -37,12 +37,16 @@ def expects_sub_image(cfg: ModelOptions) -> bool:
 def build_editor(cfg: ModelOptions):
     from .editor import Editor
     from ..loading import load_pipeline
+    from ..low_memory import apply_low_memory, low_memory_enabled
 
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     if (cfg.compile or cfg.fp8) and not str(device).startswith("cuda"):
         raise SystemExit(f"--compile and --fp8 need a CUDA device (--device); this run is on {device}")
-    pipe = load_pipeline(sources_from(cfg), device=device, torch_dtype=dtype)
-    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode, activation=cfg.dit_activation)
+    lowmem = low_memory_enabled(cfg)  # load on the host, then place block by block; LoRAs hot-load beside fp8
+    pipe = load_pipeline(sources_from(cfg), device="cpu" if lowmem else device, torch_dtype=dtype)
+    editor = Editor(pipe, variant=cfg.variant, mode=cfg.mode, activation=cfg.dit_activation, hot_swap=lowmem)
+    if lowmem:
+        apply_low_memory(pipe.dit, cfg, device, pipe=pipe)
     if cfg.checkpoint is not None:
         editor.load_checkpoint(cfg.checkpoint, cfg.strength)
     if cfg.lora:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, ModelPathOptions
+from ..low_memory import LowMemoryOptions
 
 
 def _h(text: str) -> dict:
@@ -14,7 +15,7 @@ def _h(text: str) -> dict:
 
 
 @dataclass
-class ModelOptions(ModelPathOptions):
+class ModelOptions(ModelPathOptions, LowMemoryOptions):
     """Where the model comes from and how it runs."""
 
     variant: str = field(default="2511", metadata=_h("Qwen-Image-Edit variant: 2511 or 2509"))

@@ -50,6 +50,13 @@ class TrainConfig:
         "help": "torch.compile each DiT/STE block (regional; on an H200 the step is ~30 % faster after a ~25 s "
                 "first step)"})
     trainable_dtype: Literal["fp32", "bf16"] = "fp32"
+    # low-memory tier (docs/training.md "Training on 24-48 GB cards")
+    fp8_base: bool = field(default=False, metadata={
+        "help": "store the frozen DiT blocks' linear weights in fp8 (e4m3, per-row scales; computed in bf16): "
+                "half the weight memory, the weights rounded to 3 mantissa bits"})
+    blocks_to_swap: int = field(default=0, metadata={
+        "help": "keep the last N DiT blocks in pinned host memory and copy each to the GPU just before use "
+                "(needs gradient_checkpointing on those blocks)"})
     seed: int = 42
     # LBM
     bridge_sigma: float = 0.01
@@ -122,8 +129,25 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-last-n must be ≥ 0, got {self.checkpoint_last_n}")
         if self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("--lora-targets is empty")
+        self._validate_low_memory()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+    def _validate_low_memory(self) -> None:
+        from ..low_memory import check_low_memory_flags
+
+        check_low_memory_flags(self.fp8_base, self.blocks_to_swap)
+        if not self.blocks_to_swap:
+            return
+        if not self.gradient_checkpointing:
+            raise ConfigError("--blocks-to-swap needs --gradient-checkpointing (a swapped block is freed after its "
+                              "forward, so it must recompute for the backward)")
+        if self.checkpoint_last_n is not None and self.checkpoint_last_n < self.blocks_to_swap:
+            raise ConfigError(f"--blocks-to-swap {self.blocks_to_swap} needs --checkpoint-last-n ≥ "
+                              f"{self.blocks_to_swap} (the swapped blocks are the last ones and must be checkpointed)")
+        if self.compile_blocks:
+            raise ConfigError("--blocks-to-swap does not combine with --compile-blocks (the swap runs in the blocks' "
+                              "forward hooks); turn one off")
 
     @property
     def lr(self) -> float:

@@ -11,6 +11,7 @@ from ..activation import checkpoint_activation
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..checkpoint import read_checkpoint
 from ..loading import ModelSources, load_pipeline
+from ..low_memory import apply_low_memory, low_memory_enabled
 from ..speedups import compile_blocks
 from ..ste import STE
 from ..variants import ModelVariant
@@ -114,7 +115,8 @@ def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.devic
                            dit_activation=cfg.dit_activation)
     need_vae = bool(cfg.validate_every) or cfg.pixel_loss_weight > 0
     components = ("dit", "vae") if need_vae else ("dit",)
-    pipe = load_pipeline(sources, components=components, device=str(device), torch_dtype=dtype)
+    lowmem = low_memory_enabled(cfg)  # the DiT is then loaded on the host and moved block by block
+    pipe = load_pipeline(sources, components=components, device="cpu" if lowmem else str(device), torch_dtype=dtype)
     dit = pipe.dit
     if frozen_dtype(dit) != dtype:
         raise TrainingError(f"the DiT was loaded as {frozen_dtype(dit)}, not the requested {dtype}")
@@ -137,6 +139,8 @@ def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.devic
             say(f"[train] {note or f'{cfg.init_from} was trained with the {trained} activation'}; this "
                 f"run trains with {cfg.dit_activation} (dit_activation)")
         say(f"[train] warm start from {cfg.init_from}: {info}")
+    if lowmem:
+        apply_low_memory(dit, cfg, device, pipe=pipe)
     if cfg.compile_blocks:
         if zero3:
             raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
