@@ -73,6 +73,7 @@ def sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup run
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
