@@ -1,7 +1,7 @@
 """Raw folders -> dataset JSON, in parallel, nothing lost (docs/dataset.md describes every input and flag).
 
 Flow: `discover` pairs the inputs by stem in the main process (listing, duplicates, missing members, instruction
-files) -> `build_sample.process_sample` runs per sample in a multiprocessing pool (decode, resize, mask, filters,
+files) -> `build_sample.process_sample` runs per sample in worker processes (`workers`; decode, resize, mask, filters,
 derived files, sidecar) -> results sorted by id -> dataset JSON (+ JSONL, splits) and `<name>_report.json`, each
 written atomically and only when its content changed. Re-runs reuse up-to-date samples (`sidecar`).
 
