@@ -3,7 +3,6 @@ folder must not outlive it) and a full or read-only cache folder (one line, exit
 and 5."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
