@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..output_errors import OutputWriteError
 from .config import TORCH_DTYPES, CacheConfig
 from .dist import _Dist
 from .encoder import SampleEncoder, _encode_isolated
@@ -149,7 +150,7 @@ def encode_share(cfg: CacheConfig, pipe, mine: list[_Item], cache_dir: Path, set
         stages["write.drain at end"] += time.perf_counter() - t0
         bar.close()
         if sys.exc_info()[0] is not None or writer.failed_write is not None:
-            with contextlib.suppress(OSError):  # stopped early: the manifest lists every file written
+            with contextlib.suppress(OSError, OutputWriteError):  # stopped early: the manifest lists every file written
                 on_done.flush()
     writer.check()
     result.seconds = time.perf_counter() - t_enc

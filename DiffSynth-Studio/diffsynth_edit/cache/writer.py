@@ -102,7 +102,10 @@ class _Writer:
                     f.write(f"{self.rank} {item.id}\n")
             _kill_hook("after", n)
             shapes = {k: list(v.shape) for k, v in tensors.items()}
-            self.on_done(item, entry_record(item, shapes, len(data)), None)
+            try:
+                self.on_done(item, entry_record(item, shapes, len(data)), None)
+            except OutputWriteError as e:  # the incremental manifest could not be written: the run's error too
+                self.failed_write = self.failed_write or e
         except Exception as e:  # anything else: report the sample, keep going
             self.on_done(item, None, f"cannot write {self.cache_dir / item.file}: {type(e).__name__}: {e}")
 
