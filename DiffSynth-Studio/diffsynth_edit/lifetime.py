@@ -21,11 +21,12 @@ from typing import Iterator
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(poll_seconds: float = 1.0) -> None:
+def die_with_parent(parent: int | None = None, poll_seconds: float = 1.0) -> None:
     """Call first thing in a worker process: it is killed (SIGKILL) when the process that started it dies, even
-    by SIGKILL. The parent-death signal is tied to the parent's *thread* that started the worker: start workers
-    from the main thread."""
-    parent = os.getppid()
+    by SIGKILL. `parent`: the pid the parent had (pass `os.getpid()` from the parent), so that a worker whose parent
+    died while it was still starting exits at once. The parent-death signal is tied to the parent's *thread* that
+    started the worker: start workers from the main thread."""
+    parent = os.getppid() if parent is None else parent
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):  # no libc / no prctl: the watchdog below still works
             import ctypes

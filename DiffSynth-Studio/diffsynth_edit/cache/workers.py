@@ -26,7 +26,7 @@ def _use_processes(cfg: CacheConfig, device) -> bool:
 _WORKER_PIPE: Any = None
 
 
-def _worker_init(processor_file: str) -> None:
+def _worker_init(processor_file: str, parent_pid: int | None = None) -> None:
     """Process-pool initializer: a stand-in pipeline holding only the processor (all `prompt_inputs` needs), read
     from the parent's pickle file; the preparation code is imported here so a worker is ready before its first
     sample."""
@@ -34,12 +34,12 @@ def _worker_init(processor_file: str) -> None:
     import pickle
     import types
 
+    from ..lifetime import die_with_parent
+
+    die_with_parent(parent_pid)  # first: the imports below take seconds
     from .. import encoding  # noqa: F401  (imported now, not on the worker's first sample)
     from ..editing import editor  # noqa: F401
 
-    from ..lifetime import die_with_parent
-
-    die_with_parent()
     torch.set_num_threads(1)
     with open(processor_file, "rb") as f:
         _WORKER_PIPE = types.SimpleNamespace(processor=pickle.load(f))
@@ -93,7 +93,7 @@ def _process_pool(num_workers: int, processor):
         pickle.dump(processor, f)
     # spawn: the parent holds CUDA state; the workers need only the processor
     pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(str(folder / "processor.pkl"),))
+                               initializer=_worker_init, initargs=(str(folder / "processor.pkl"), os.getpid()))
     _POOL = (key, pool, folder)
     for _ in range(num_workers):  # start every worker now (the pool would spawn them one per submit, later)
         pool.submit(os.getpid)

@@ -24,8 +24,8 @@ from .records import SampleResult, SampleSpec, _err
 KILL_ENV = "DIFFSYNTH_EDIT_BUILD_TEST_KILL"
 
 
-def _worker_main(conn: Connection, st: BuildSettings) -> None:
-    die_with_parent()
+def _worker_main(conn: Connection, st: BuildSettings, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     kill_id = os.environ.get(KILL_ENV)
     while True:
         try:
@@ -45,7 +45,8 @@ def _worker_main(conn: Connection, st: BuildSettings) -> None:
 class _Worker:
     def __init__(self, ctx, st: BuildSettings):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, st), daemon=True, name="dataset-build-worker")
+        self.proc = ctx.Process(target=_worker_main, args=(child, st, os.getpid()), daemon=True,
+                                name="dataset-build-worker")
         self.proc.start()
         child.close()
         self.task: SampleSpec | None = None
