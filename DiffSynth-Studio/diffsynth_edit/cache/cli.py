@@ -18,13 +18,28 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
     from .config import CacheConfig, CacheRunError
     from .encode import run_cache
 
+    from ..lifetime import Terminated, sigterm_raises
+    from ..output_errors import OutputWriteError
+    from .workers import _shutdown_pool
+
     cfg = parse_config(CacheConfig, argv, prog="train_2511.py cache", section="cache",
                        description="Encode a dataset (text encoder + VAE, never the DiT) into a resumable cache.")
     try:
-        summary = run_cache(cfg)
+        with sigterm_raises():
+            summary = run_cache(cfg)
     except (VariantMismatchError, CacheRunError, MissingWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        _shutdown_pool(kill=True)
+        print(f"error: {e}; the files written so far are kept: make room (or make {cfg.cache_dir} writable) and run "
+              f"the same command again to finish the cache", file=sys.stderr)
+        return 2
+    except Terminated as e:
+        _shutdown_pool(kill=True)
+        print(f"error: stopped by SIGTERM; the files written so far are kept: run the same command again to finish "
+              f"the cache", file=sys.stderr)
+        return e.exit_code
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

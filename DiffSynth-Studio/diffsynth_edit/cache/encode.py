@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..output_errors import OutputWriteError
 from ..variants import VariantMismatchError, check_same_variant
 from .config import TORCH_DTYPES, CacheConfig, CacheRunError
 from .dist import _Dist
 from .loop import ShareResult, encode_share
 from .manifest import (MANIFEST_NAME, SAMPLE_SUFFIX, SAMPLES_DIR, CacheSettings, build_manifest, encoder_identity,
-                       read_manifest, write_manifest)
+                       manifest_path, read_manifest, write_manifest)
 from .samples import _Item, load_items
 from .scan import scan_items
 from .summary import CacheSummary, Failure
@@ -37,7 +38,9 @@ from .workers import _process_pool, _use_processes
 
 
 def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -> CacheSummary:
-    """Encode `cfg.dataset` into `cfg.cache_dir`. `pipe` (tests, benchmarks): an already loaded pipeline."""
+    """Encode `cfg.dataset` into `cfg.cache_dir`. `pipe` (tests, benchmarks): an already loaded pipeline.
+    A failed write to the cache folder raises `OutputWriteError`; every file written before stays valid and
+    listed in the incremental manifest, so that the same command finishes the cache later."""
     t_start = time.perf_counter()
     dist = _Dist(cfg.device)
     cache_dir = Path(cfg.cache_dir)
@@ -54,16 +57,23 @@ def run_cache(cfg: CacheConfig, pipe=None, log: Callable[[str], None] = print) -
 
     def manifest(records: dict[int, dict], complete: bool, failed: list[dict] | None = None) -> None:
         entries = {by_index[i].id: records[i] for i in sorted(records)}
-        write_manifest(cache_dir, build_manifest(settings, identity, entries, complete=complete, failed=failed,
-                                                 dataset=str(cfg.dataset)))
+        try:
+            write_manifest(cache_dir, build_manifest(settings, identity, entries, complete=complete, failed=failed,
+                                                     dataset=str(cfg.dataset)))
+        except OSError as e:
+            raise OutputWriteError.from_os_error(e, manifest_path(cache_dir)) from None
 
     # 1. hash + check existing files
     scan = scan_items(items, settings.fingerprint(), cache_dir, dist, cfg.num_workers)
     summary.skipped = len(scan.valid)
+    try:
+        if dist.main:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError.from_os_error(e, cache_dir / SAMPLES_DIR) from None
     if dist.main:
-        cache_dir.mkdir(parents=True, exist_ok=True)
         manifest(scan.valid, complete=False)
-    (cache_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     dist.barrier()
 
     # 2. encode this rank's share

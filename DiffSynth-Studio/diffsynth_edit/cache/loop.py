@@ -3,6 +3,9 @@ writer thread stores them; seconds per stage are recorded (`CacheSummary.stages`
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -12,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..output_errors import OutputWriteError
 from .config import TORCH_DTYPES, CacheConfig
 from .dist import _Dist
 from .encoder import SampleEncoder, _encode_isolated
@@ -20,6 +24,10 @@ from .samples import SampleError, _Item, _Prepared
 from .summary import Failure
 from .workers import Readers
 from .writer import _Writer
+
+# Test hook (signal tests only): the device loop sleeps (600 s, until a signal ends it) once this many samples went
+# to the writer, so that a test can stop the run at a known point.
+PAUSE_ENV = "DIFFSYNTH_EDIT_CACHE_TEST_PAUSE"
 
 
 @dataclass
@@ -48,6 +56,11 @@ class _Outcomes:
                 self.result.failures.append(Failure(item.id, item.index, err or "unknown error"))
         self.bar.update(1)
         if self.write_partial is not None and time.monotonic() - self.last > self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the incremental manifest now (rank 0)."""
+        if self.write_partial is not None:
             self.last = time.monotonic()
             with self.lock:
                 recs = dict(self.result.new)
@@ -111,6 +124,7 @@ def encode_share(cfg: CacheConfig, pipe, mine: list[_Item], cache_dir: Path, set
     feed = _Feed(readers, iter(mine), cfg.batch_size + 2 * cfg.num_workers, stages)
     stages["start (encoder, writer, readers)"] = time.perf_counter() - t_enc
     t_loop = time.perf_counter()
+    pause_at, submitted = int(os.environ.get(PAUSE_ENV) or 0), 0
     try:
         feed.fill()
         while feed.queue:
@@ -122,6 +136,9 @@ def encode_share(cfg: CacheConfig, pipe, mine: list[_Item], cache_dir: Path, set
             stages["encode (device + copy back)"] += time.perf_counter() - t0
             for prepared, tensors in encoded:
                 writer.submit(prepared.item, tensors)
+                submitted += 1
+                if submitted == pause_at:
+                    time.sleep(600)
         accounted = ("submit to readers", "wait for prepared (device idle)", "encode (device + copy back)")
         stages["device loop, other"] = (time.perf_counter() - t_loop - sum(stages[k] for k in accounted)
                                         - writer.times["write.backpressure"])
@@ -132,6 +149,10 @@ def encode_share(cfg: CacheConfig, pipe, mine: list[_Item], cache_dir: Path, set
         writer.close()
         stages["write.drain at end"] += time.perf_counter() - t0
         bar.close()
+        if sys.exc_info()[0] is not None or writer.failed_write is not None:
+            with contextlib.suppress(OSError, OutputWriteError):  # stopped early: the manifest lists every file written
+                on_done.flush()
+    writer.check()
     result.seconds = time.perf_counter() - t_enc
     stages.update(writer.times)
     if readers.use_procs:

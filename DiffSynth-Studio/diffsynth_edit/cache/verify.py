@@ -34,6 +34,31 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+class _Want:
+    """Checks one tensor's dtype, rank, shape and finiteness, appending each problem to `problems`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], problems: list[str]):
+        self.tensors, self.p = tensors, problems
+
+    def __call__(self, key: str, shape: list[int] | None, dt: torch.dtype, ndim: int | None = None) -> bool:
+        t = self.tensors[key]
+        ok = True
+        if t.dtype != dt:
+            self.p.append(f"{key}: dtype {t.dtype}, expected {dt}")
+            ok = False
+        if ndim is not None and t.dim() != ndim:
+            self.p.append(f"{key}: shape {list(t.shape)}, expected {ndim} dims")
+            return False
+        if shape is not None and list(t.shape) != shape:
+            self.p.append(f"{key}: shape {list(t.shape)}, expected {shape}")
+            ok = False
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            n = int((~torch.isfinite(t)).sum())
+            self.p.append(f"{key}: {n} non-finite value(s) (NaN/Inf)")
+            ok = False
+        return ok
+
+
 def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], dtype: torch.dtype,
                   record: dict[str, Any] | None = None) -> list[str]:
     """Problems of one sample's tensors (empty list = valid)."""
@@ -49,25 +74,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], dtype:
         p.append(f"unexpected keys {extra}")
     if ek != [f"{EDIT_PREFIX}{i}" for i in range(len(ek))]:
         p.append(f"edit latents are not numbered 0..{len(ek) - 1}: {ek}")
-
-    def want(key: str, shape: list[int] | None, dt: torch.dtype, ndim: int | None = None) -> bool:
-        t = tensors[key]
-        ok = True
-        if t.dtype != dt:
-            p.append(f"{key}: dtype {t.dtype}, expected {dt}")
-            ok = False
-        if ndim is not None and t.dim() != ndim:
-            p.append(f"{key}: shape {list(t.shape)}, expected {ndim} dims")
-            return False
-        if shape is not None and list(t.shape) != shape:
-            p.append(f"{key}: shape {list(t.shape)}, expected {shape}")
-            ok = False
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            n = int((~torch.isfinite(t)).sum())
-            p.append(f"{key}: {n} non-finite value(s) (NaN/Inf)")
-            ok = False
-        return ok
-
+    want = _Want(tensors, p)
     if not want("size", [2], torch.int64):
         return p
     h, w = (int(v) for v in tensors["size"].tolist())
@@ -79,25 +86,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], dtype:
     for k in ek[1:]:
         if want(k, None, dtype, ndim=3) and (tensors[k].shape[0] != 16 or min(tensors[k].shape[1:]) < 2):
             p.append(f"{k}: shape {list(tensors[k].shape)} is not a [16, h, w] latent")
-    dims = []
-    prefix = 0
-    if want(NEGA_PREFIX, [1], torch.int64):
-        prefix = int(tensors[NEGA_PREFIX][0])
-        L = tensors["prompt_emb"].shape[0] if tensors["prompt_emb"].dim() == 2 else 0
-        if not 0 <= prefix <= L:
-            p.append(f"{NEGA_PREFIX}: {prefix} outside the prompt's {L} rows")
-            prefix = 0
-    # the negative is prompt_emb[:prefix] + its tail; its mask covers both
-    for emb, mask, extra in (("prompt_emb", "prompt_emb_mask", 0), (NEGA_TAIL, "nega_prompt_emb_mask", prefix)):
-        if want(emb, None, dtype, ndim=2):
-            L, D = tensors[emb].shape
-            dims.append(D)
-            if L + extra == 0:
-                p.append(f"{emb}: empty")
-            if want(mask, [L + extra], torch.int64) and not ((tensors[mask] == 0) | (tensors[mask] == 1)).all():
-                p.append(f"{mask}: values other than 0/1")
-    if len(set(dims)) > 1:
-        p.append(f"prompt_emb and {NEGA_TAIL} widths differ: {dims}")
+    _check_prompts(want, dtype)
     if want("subyx", [4], torch.int64):
         y1, y2, x1, x2 = (int(v) for v in tensors["subyx"].tolist())
         if not (0 <= y1 < y2 <= h // 16 and 0 <= x1 < x2 <= w // 16):
@@ -115,17 +104,48 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], dtype:
     if meta.get("num_edit") not in (None, str(len(ek))):
         p.append(f"header says {meta.get('num_edit')} edit images, file has {len(ek)}")
     if record is not None:
-        if list(record.get("size", [])) != [h, w]:
-            p.append(f"manifest size {record.get('size')} != file size {[h, w]}")
-        if int(record.get("num_edit", -1)) != len(ek):
-            p.append(f"manifest num_edit {record.get('num_edit')} != {len(ek)}")
-        if "subyx" in tensors and len(p) == 0:
-            y1, y2, x1, x2 = (int(v) for v in tensors["subyx"].tolist())
-            if list(record.get("sub_size", [])) != [(y2 - y1) * 16, (x2 - x1) * 16]:
-                p.append(f"manifest sub_size {record.get('sub_size')} != subyx box {[(y2 - y1) * 16, (x2 - x1) * 16]}")
-        if record.get("hash") is not None and meta.get("hash") != record.get("hash"):
-            p.append(f"header hash {meta.get('hash')!r} != manifest hash {record.get('hash')!r}")
+        _check_record(p, tensors, meta, record, (h, w), len(ek))
     return p
+
+
+def _check_prompts(want: _Want, dtype: torch.dtype) -> None:
+    """The prompt and negative embeddings and masks (the negative is prompt_emb[:prefix] + its tail; its mask
+    covers both)."""
+    tensors, p = want.tensors, want.p
+    dims = []
+    prefix = 0
+    if want(NEGA_PREFIX, [1], torch.int64):
+        prefix = int(tensors[NEGA_PREFIX][0])
+        L = tensors["prompt_emb"].shape[0] if tensors["prompt_emb"].dim() == 2 else 0
+        if not 0 <= prefix <= L:
+            p.append(f"{NEGA_PREFIX}: {prefix} outside the prompt's {L} rows")
+            prefix = 0
+    for emb, mask, extra in (("prompt_emb", "prompt_emb_mask", 0), (NEGA_TAIL, "nega_prompt_emb_mask", prefix)):
+        if want(emb, None, dtype, ndim=2):
+            L, D = tensors[emb].shape
+            dims.append(D)
+            if L + extra == 0:
+                p.append(f"{emb}: empty")
+            if want(mask, [L + extra], torch.int64) and not ((tensors[mask] == 0) | (tensors[mask] == 1)).all():
+                p.append(f"{mask}: values other than 0/1")
+    if len(set(dims)) > 1:
+        p.append(f"prompt_emb and {NEGA_TAIL} widths differ: {dims}")
+
+
+def _check_record(p: list[str], tensors: dict[str, torch.Tensor], meta: dict[str, str], record: dict[str, Any],
+                  hw: tuple[int, int], num_edit: int) -> None:
+    """The manifest record against the file (the sub-crop size only when the file itself is valid so far)."""
+    h, w = hw
+    if list(record.get("size", [])) != [h, w]:
+        p.append(f"manifest size {record.get('size')} != file size {[h, w]}")
+    if int(record.get("num_edit", -1)) != num_edit:
+        p.append(f"manifest num_edit {record.get('num_edit')} != {num_edit}")
+    if "subyx" in tensors and len(p) == 0:
+        y1, y2, x1, x2 = (int(v) for v in tensors["subyx"].tolist())
+        if list(record.get("sub_size", [])) != [(y2 - y1) * 16, (x2 - x1) * 16]:
+            p.append(f"manifest sub_size {record.get('sub_size')} != subyx box {[(y2 - y1) * 16, (x2 - x1) * 16]}")
+    if record.get("hash") is not None and meta.get("hash") != record.get("hash"):
+        p.append(f"header hash {meta.get('hash')!r} != manifest hash {record.get('hash')!r}")
 
 
 def verify_file(path: Path, dtype: torch.dtype, record: dict | None = None) -> list[str]:

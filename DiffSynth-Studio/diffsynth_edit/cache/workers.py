@@ -1,5 +1,10 @@
 """Where samples are prepared while the device encodes: worker processes (a spawned pool kept for the process's
-later runs) or threads."""
+later runs) or threads.
+
+Worker processes die with the cache run (`lifetime.die_with_parent`: a parent-death signal on Linux, a watchdog
+thread elsewhere), also when the run is SIGKILLed. The pickled processor they start from lies in a temporary folder
+`<tmp>/diffsynth-edit-cache-workers-<pid>-<random>`, removed when the pool shuts down (normal exit, SIGTERM) or, after
+a SIGKILL, by the next run that starts a pool."""
 from __future__ import annotations
 
 import os
@@ -21,7 +26,7 @@ def _use_processes(cfg: CacheConfig, device) -> bool:
 _WORKER_PIPE: Any = None
 
 
-def _worker_init(processor_file: str) -> None:
+def _worker_init(processor_file: str, parent_pid: int | None = None) -> None:
     """Process-pool initializer: a stand-in pipeline holding only the processor (all `prompt_inputs` needs), read
     from the parent's pickle file; the preparation code is imported here so a worker is ready before its first
     sample."""
@@ -29,6 +34,9 @@ def _worker_init(processor_file: str) -> None:
     import pickle
     import types
 
+    from ..lifetime import die_with_parent
+
+    die_with_parent(parent_pid)  # first: the imports below take seconds
     from .. import encoding  # noqa: F401  (imported now, not on the worker's first sample)
     from ..editing import editor  # noqa: F401
 
@@ -38,16 +46,25 @@ def _worker_init(processor_file: str) -> None:
 
 
 _POOL: tuple[Any, Any, Path] | None = None  # (key, ProcessPoolExecutor, temp folder), kept between runs of a process
+TEMP_PREFIX = "diffsynth-edit-cache-workers"
 
 
-def _shutdown_pool() -> None:
+def _shutdown_pool(kill: bool = False) -> None:
+    """Stop the kept pool and remove its temporary folder; `kill`: terminate the workers at once (SIGTERM of the
+    run) instead of letting them finish their samples."""
     global _POOL
     if _POOL is not None:
         import shutil
 
-        _POOL[1].shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(_POOL[2], ignore_errors=True)
+        pool, folder = _POOL[1], _POOL[2]
         _POOL = None
+        try:
+            if kill:
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _process_pool(num_workers: int, processor):
@@ -61,8 +78,9 @@ def _process_pool(num_workers: int, processor):
     import atexit
     import multiprocessing as mp
     import pickle
-    import tempfile
     from concurrent.futures import ProcessPoolExecutor
+
+    from ..lifetime import owned_temp_dir
 
     key = (num_workers, id(processor))
     if _POOL is not None and _POOL[0] == key:
@@ -70,12 +88,12 @@ def _process_pool(num_workers: int, processor):
     if _POOL is None:
         atexit.register(_shutdown_pool)
     _shutdown_pool()
-    folder = Path(tempfile.mkdtemp(prefix="cache-workers-"))
+    folder = owned_temp_dir(TEMP_PREFIX)  # also removes the folders of runs that were killed
     with open(folder / "processor.pkl", "wb") as f:
         pickle.dump(processor, f)
     # spawn: the parent holds CUDA state; the workers need only the processor
     pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(str(folder / "processor.pkl"),))
+                               initializer=_worker_init, initargs=(str(folder / "processor.pkl"), os.getpid()))
     _POOL = (key, pool, folder)
     for _ in range(num_workers):  # start every worker now (the pool would spawn them one per submit, later)
         pool.submit(os.getpid)

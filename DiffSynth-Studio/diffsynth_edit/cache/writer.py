@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ..atomic import atomic_path, kill_point
+from ..output_errors import OutputWriteError
 from .manifest import FORMAT, CacheSettings
 from .samples import _Item
 from .store import NEGA_TAIL, edit_keys
@@ -39,7 +40,10 @@ def _kill_hook(stage: str, count: int) -> None:
 
 
 class _Writer:
-    """Writes sample files atomically in a background thread (serialisation + fsync overlap the next encode)."""
+    """Writes sample files atomically in a background thread (serialisation + fsync overlap the next encode).
+
+    A failed file write (full disk, read-only folder) is the run's error, not the sample's: the first one is kept in
+    `failed_write`, later samples are not written, and `submit`/`check` raise it (`OutputWriteError`)."""
 
     def __init__(self, cache_dir: Path, settings: CacheSettings,
                  on_done: Callable[[_Item, dict | None, str | None], None], rank: int = 0, fsync: bool = True):
@@ -50,8 +54,14 @@ class _Writer:
         self.pending: collections.deque[Future] = collections.deque()
         self.count = 0
         self.lock = threading.Lock()
+        self.failed_write: OutputWriteError | None = None
+
+    def check(self) -> None:
+        if self.failed_write is not None:
+            raise self.failed_write
 
     def submit(self, item: _Item, tensors: dict[str, torch.Tensor]) -> None:
+        self.check()
         t0 = time.perf_counter()
         while len(self.pending) >= 4:
             self.pending.popleft().result()
@@ -61,6 +71,8 @@ class _Writer:
     def _write(self, item: _Item, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
+        if self.failed_write is not None:
+            return
         try:
             meta = {"format": FORMAT, "id": item.id, "index": str(item.index), "prompt": item.prompt,
                     "edit_type": item.edit_type or "", "hash": item.hash or "", "variant": self.settings.variant,
@@ -72,13 +84,17 @@ class _Writer:
             with self.lock:
                 self.count += 1
                 n = self.count
-            with atomic_path(final) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    if self.fsync:
-                        os.fsync(f.fileno())
-                _kill_hook("during", n)
+            try:
+                with atomic_path(final) as tmp:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        if self.fsync:
+                            os.fsync(f.fileno())
+                    _kill_hook("during", n)
+            except OSError as e:
+                self.failed_write = self.failed_write or OutputWriteError.from_os_error(e, final)
+                return
             self.times["write.serialise"] += t1 - t0
             self.times["write.file"] += time.perf_counter() - t1
             if os.environ.get(LOG_ENV):
@@ -86,8 +102,11 @@ class _Writer:
                     f.write(f"{self.rank} {item.id}\n")
             _kill_hook("after", n)
             shapes = {k: list(v.shape) for k, v in tensors.items()}
-            self.on_done(item, entry_record(item, shapes, len(data)), None)
-        except Exception as e:  # disk full, permissions: report the sample, keep going
+            try:
+                self.on_done(item, entry_record(item, shapes, len(data)), None)
+            except OutputWriteError as e:  # the incremental manifest could not be written: the run's error too
+                self.failed_write = self.failed_write or e
+        except Exception as e:  # anything else: report the sample, keep going
             self.on_done(item, None, f"cannot write {self.cache_dir / item.file}: {type(e).__name__}: {e}")
 
     def close(self) -> None:

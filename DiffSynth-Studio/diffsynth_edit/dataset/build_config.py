@@ -34,6 +34,9 @@ class BuildConfig:
         "prompt template; {instruction} is replaced (default 'Picture 1 is the image to modify. {instruction}'); "
         "the result always starts with that prefix (prompts.edit_prompt, the rule the editor and app apply too)"))
     max_pixels: int = field(default=1024 * 1024, metadata=_h("resize to at most this many pixels (1048576)"))
+    max_input_pixels: int = field(default=89_478_485, metadata=_h(
+        "refuse (error too_large) an input image above this many pixels, read from its header before decoding; "
+        "0 = no limit (89478485 = Pillow's decompression-bomb threshold)"))
     diff_threshold: int = field(default=24, metadata=_h(
         "derived masks: per-pixel max abs RGB difference (0-255) above which a pixel is edited (24)"))
     mask_dilation: int = field(default=2, metadata=_h("derived masks: dilation radius in px, square (2)"))
@@ -77,6 +80,8 @@ class BuildConfig:
             raise ConfigError("`prompt_template` must contain {instruction}")
         if self.max_pixels < 256:
             raise ConfigError("`max_pixels` must be at least 256 (16x16)")
+        if self.max_input_pixels < 0:
+            raise ConfigError("`max_input_pixels` must be >= 0 (0 = no limit)")
         if not 0 <= self.diff_threshold <= 255:
             raise ConfigError("`diff_threshold` must be in 0..255")
         if self.mask_dilation < 0:
@@ -143,6 +148,7 @@ class BuildSettings:
     max_mask_area: float
     max_bg_change: float
     force: bool
+    max_input_pixels: int = 0
 
     @property
     def meta_dir(self) -> Path:
@@ -158,4 +164,5 @@ class BuildSettings:
     def from_config(cfg: BuildConfig, layout: OutputLayout) -> "BuildSettings":
         return BuildSettings(layout.base_dir, layout.files_dir, cfg.prompt_template, cfg.max_pixels,
                              cfg.diff_threshold, cfg.mask_dilation, cfg.fixed_source, cfg.compress_level,
-                             cfg.min_mask_area, cfg.max_mask_area, cfg.max_bg_change, cfg.force)
+                             cfg.min_mask_area, cfg.max_mask_area, cfg.max_bg_change, cfg.force,
+                             cfg.max_input_pixels)

@@ -6,6 +6,8 @@ pixels is copied byte for byte) -> sidecar.
 """
 from __future__ import annotations
 
+import io
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageChops
 
 from ..atomic import atomic_write_bytes
+from ..output_errors import OutputWriteError
 from ..geometry import Box, EmptyMaskError, binarize_mask, fit_size, mask_bbox
 from ..limits import aspect_problem
 from ..prompts import edit_prompt
@@ -33,9 +36,12 @@ PNG_STRATEGY = zlib.Z_RLE
 
 
 def process_sample(spec: SampleSpec, st: BuildSettings) -> SampleResult:
-    """Build (or reuse) one sample. Bad input becomes an error result, never an exception (Ctrl-C excepted)."""
+    """Build (or reuse) one sample. Bad input becomes an error result, never an exception (Ctrl-C excepted); a
+    failed output write raises `OutputWriteError` (the run's error, not the sample's)."""
     try:
         return _process(spec, st)
+    except OutputWriteError:
+        raise
     except SampleError as e:
         return SampleResult(spec.id, "error", problems=[e.problem])
     except Exception as e:  # a bug or an unexpected I/O failure: report it, keep the run going
@@ -83,11 +89,29 @@ def _reuse(spec: SampleSpec, st: BuildSettings, key: str) -> SampleResult | None
     return None
 
 
-def _decode(path: Path, raw: bytes, ident: str) -> DecodedImage:
+def _decode(path: Path, raw: bytes, ident: str, max_input_pixels: int) -> DecodedImage:
+    _check_input_pixels(path, raw, ident, max_input_pixels)
     try:
         return decode_image(path, raw)
     except ImageDecodeError as e:
         raise SampleError(_err("decode_error", path, ident, e.reason)) from None
+
+
+def _check_input_pixels(path: Path, raw: bytes, ident: str, limit: int) -> None:
+    """Refuse an image above `limit` pixels by its header, before decoding it (a 144-megapixel PNG decodes to
+    over 400 MB per copy); 0 = no limit. A header Pillow cannot read is left to `decode_image` to report."""
+    if not limit:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(raw)) as img:
+                w, h = img.size
+    except Exception:
+        return
+    if w * h > limit:
+        raise SampleError(_err("too_large", path, ident, f"image of {w}x{h} = {w * h:,} pixels is above "
+                                                         f"--max-input-pixels {limit:,}; not decoded"))
 
 
 def _rgb(dec: DecodedImage, path: Path, ident: str) -> Image.Image:
@@ -117,8 +141,8 @@ class _Pair:
 
 
 def _read_pair(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes]) -> _Pair:
-    tgt_dec = _decode(spec.target, raw["target"], spec.id)
-    src_dec = _decode(spec.source, raw["source"], spec.id)
+    tgt_dec = _decode(spec.target, raw["target"], spec.id, st.max_input_pixels)
+    src_dec = _decode(spec.source, raw["source"], spec.id, st.max_input_pixels)
     tgt_img, src_img = _rgb(tgt_dec, spec.target, spec.id), _rgb(src_dec, spec.source, spec.id)
     if aspect_problem(*tgt_img.size):  # the cache and the editor refuse it: refuse it here, where it enters
         raise SampleError(_err("bad_aspect", spec.target, spec.id, aspect_problem(*tgt_img.size)))
@@ -134,7 +158,7 @@ def _read_pair(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes]) -> _P
 def _read_mask(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes], pair: _Pair) -> np.ndarray:
     """The binary mask (bool HxW at the output size): the given one, else derived from the difference; never empty."""
     if spec.mask is not None:
-        mask_dec = _decode(spec.mask, raw["mask"], spec.id)
+        mask_dec = _decode(spec.mask, raw["mask"], spec.id, st.max_input_pixels)
         try:
             mask_img = to_mask(mask_dec)
         except ImageDecodeError as e:
@@ -158,7 +182,7 @@ def _read_refs(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes]) -> li
     """The extra references, each at its own size (fitted, 16-aligned), with their decoded originals."""
     refs = []
     for i, ref_path in enumerate(spec.refs, 1):
-        ref_dec = _decode(ref_path, raw[f"ref_{i}"], spec.id)
+        ref_dec = _decode(ref_path, raw[f"ref_{i}"], spec.id, st.max_input_pixels)
         ref_img = _rgb(ref_dec, ref_path, spec.id)
         ref_size = fit_size(ref_img.width, ref_img.height, st.max_pixels)
         refs.append((ref_img.resize(ref_size, Image.LANCZOS) if ref_img.size != ref_size else ref_img, ref_dec))
@@ -178,13 +202,16 @@ class _Outputs:
         the right size) is copied byte for byte instead of re-encoded."""
         expect = self.size if expect is None else expect
         files = self.st.files_dir
-        if dec is not None and data is not None and dec.format in FORMAT_EXTENSION and dec.is_plain_rgb() \
-                and dec.size == expect:
-            path = files / kind / f"{name}{FORMAT_EXTENSION[dec.format]}"
-            atomic_write_bytes(path, data, fsync=False)
-        else:
-            path = files / kind / f"{name}.png"
-            atomic_save_image(img, path, compress_level=self.st.compress_level, compress_type=PNG_STRATEGY)
+        copy = dec is not None and data is not None and dec.format in FORMAT_EXTENSION and dec.is_plain_rgb() \
+            and dec.size == expect
+        path = files / kind / (f"{name}{FORMAT_EXTENSION[dec.format]}" if copy else f"{name}.png")
+        try:
+            if copy:
+                atomic_write_bytes(path, data, fsync=False)
+            else:
+                atomic_save_image(img, path, compress_level=self.st.compress_level, compress_type=PNG_STRATEGY)
+        except OSError as e:
+            raise OutputWriteError.from_os_error(e, path) from None
         rel = relative_path(path, self.st.base_dir)
         self.sizes[rel] = path.stat().st_size
         return rel

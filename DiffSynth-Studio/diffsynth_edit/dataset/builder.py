@@ -1,7 +1,7 @@
 """Raw folders -> dataset JSON, in parallel, nothing lost (docs/dataset.md describes every input and flag).
 
 Flow: `discover` pairs the inputs by stem in the main process (listing, duplicates, missing members, instruction
-files) -> `build_sample.process_sample` runs per sample in a multiprocessing pool (decode, resize, mask, filters,
+files) -> `build_sample.process_sample` runs per sample in worker processes (`workers`; decode, resize, mask, filters,
 derived files, sidecar) -> results sorted by id -> dataset JSON (+ JSONL, splits) and `<name>_report.json`, each
 written atomically and only when its content changed. Re-runs reuse up-to-date samples (`sidecar`).
 
@@ -10,8 +10,8 @@ Where: `build_config` (BuildConfig, OutputLayout, BuildSettings), `records` (wha
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import multiprocessing as mp
 import os
 import sys
 from collections import Counter, defaultdict
@@ -19,16 +19,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_if_changed, json_text
+from ..atomic import atomic_path, json_text
+from ..output_errors import OutputWriteError
 from .build_config import BUILDER_VERSION, BuildConfig, BuildSettings, OutputLayout
 from .build_sample import process_sample
 from .discover import discover
 from .records import Problem, SampleResult, SampleSpec
 from .schema import dataset_text
+from .workers import run_in_workers
 
 
 def build_dataset(cfg: BuildConfig) -> BuildSummary:
-    """Run the whole build; see the module docstring. Never raises for bad input (only for bad configuration)."""
+    """Run the whole build; see the module docstring. Never raises for bad input; raises ConfigError for bad
+    configuration and `OutputWriteError` when an output cannot be written (full disk, read-only folder: nothing
+    more is written, the previous dataset JSON stays, finished samples are reused by the next run)."""
     cfg.validate()
     layout = OutputLayout(Path(cfg.out))
     st = BuildSettings.from_config(cfg, layout)
@@ -47,55 +51,60 @@ def build_dataset(cfg: BuildConfig) -> BuildSummary:
         "filtered": dict(sorted(Counter(p.reason for p in problems if p.kind == "filtered").items())),
         "warnings": dict(sorted(Counter(p.reason for p in problems if p.kind == "warning").items())),
     }
-    written = _write_datasets(cfg, layout, records, counts) if records else []
+    files = _dataset_files(cfg, layout, records, counts) if records else []
     problems.sort(key=lambda p: (p.id or "", {"error": 0, "filtered": 1, "warning": 2}[p.kind], p.reason,
                                  p.file or ""))
     report = {"dataset": layout.json_path.name, "builder_version": BUILDER_VERSION,
               "settings": _report_settings(cfg), "counts": counts,
               "problems": [p.to_dict() for p in problems]}
-    if atomic_write_if_changed(layout.report_path, json_text(report)):
-        written.append(layout.report_path)
+    written = _write_together(files + [(layout.report_path, json_text(report))])
     return BuildSummary(layout.json_path, layout.report_path, records, problems, counts,
                         built=sum(r.status == "built" for r in results),
                         reused=sum(r.status == "reused" for r in results), written_files=written)
 
 
-def _write_datasets(cfg: BuildConfig, layout: OutputLayout, records: list[dict[str, Any]],
-                    counts: dict[str, Any]) -> list[Path]:
-    """The dataset JSON (+ JSONL) and the train/test splits, each only when its content changed; the files written.
-    Adds the split sizes to `counts`."""
-    written: list[Path] = []
-
-    def write(path: Path, text: str) -> None:
-        if atomic_write_if_changed(path, text):
-            written.append(path)
-
-    write(layout.json_path, dataset_text(records))
+def _dataset_files(cfg: BuildConfig, layout: OutputLayout, records: list[dict[str, Any]],
+                   counts: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(path, text) of the dataset JSON (+ JSONL) and the train/test splits. Adds the split sizes to `counts`."""
+    files = [(layout.json_path, dataset_text(records))]
     if cfg.jsonl:
-        write(layout.json_path.with_suffix(".jsonl"), dataset_text(records, jsonl=True))
+        files.append((layout.json_path.with_suffix(".jsonl"), dataset_text(records, jsonl=True)))
     test_ids = split_test_ids(records, cfg.test_fraction, cfg.test_per_type, cfg.seed)
     if cfg.test_fraction or cfg.test_per_type:
         parts = {"train": [r for r in records if r["id"] not in test_ids],
                  "test": [r for r in records if r["id"] in test_ids]}
         for name, recs in parts.items():
-            write(layout.split_path(name), dataset_text(recs))
+            files.append((layout.split_path(name), dataset_text(recs)))
             if cfg.jsonl:
-                write(layout.split_path(name, ".jsonl"), dataset_text(recs, jsonl=True))
+                files.append((layout.split_path(name, ".jsonl"), dataset_text(recs, jsonl=True)))
         counts["splits"] = {k: len(v) for k, v in parts.items()}
-    return written
+    return files
 
 
-_WORKER_SETTINGS: BuildSettings | None = None
-
-
-def _init_worker(st: BuildSettings) -> None:
-    global _WORKER_SETTINGS
-    _WORKER_SETTINGS = st
-
-
-def _work(spec: SampleSpec) -> SampleResult:
-    assert _WORKER_SETTINGS is not None
-    return process_sample(spec, _WORKER_SETTINGS)
+def _write_together(files: list[tuple[Path, str]]) -> list[Path]:
+    """Write every file whose content changed, all or none: each goes to a temporary file first and the renames
+    happen only when every temporary file is complete. A failed write raises `OutputWriteError` and leaves every
+    previous file as it was. Returns the files written."""
+    changed = []
+    for path, text in files:
+        data = text.encode("utf-8")
+        try:
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                continue
+        except OSError:
+            pass
+        changed.append((path, data))
+    with contextlib.ExitStack() as stack:
+        for path, data in changed:
+            try:
+                tmp = stack.enter_context(atomic_path(path))
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise OutputWriteError.from_os_error(e, path) from None
+    return [path for path, _ in changed]
 
 
 def available_cpus() -> int:
@@ -106,7 +115,8 @@ def available_cpus() -> int:
 
 
 def run_samples(specs: list[SampleSpec], st: BuildSettings, workers: int = 0, progress: bool = True) -> list[SampleResult]:
-    """Process every spec (pool of `workers` processes, 0 = all cores; 1 = in this process); sorted by id."""
+    """Process every spec (`workers` processes, 0 = all cores; 1 = in this process); sorted by id. A sample whose
+    worker died is a `worker_died` error; a failed output write raises `OutputWriteError` (see `workers`)."""
     from tqdm import tqdm
 
     n = min(workers or available_cpus(), max(1, len(specs)))
@@ -119,10 +129,11 @@ def run_samples(specs: list[SampleSpec], st: BuildSettings, workers: int = 0, pr
                 results.append(process_sample(spec, st))
                 bar.update(1)
         else:
-            with mp.get_context().Pool(n, initializer=_init_worker, initargs=(st,)) as pool:
-                for res in pool.imap_unordered(_work, specs, chunksize=1):
-                    results.append(res)
-                    bar.update(1)
+            def collect(res: SampleResult) -> None:
+                results.append(res)
+                bar.update(1)
+
+            run_in_workers(specs, st, n, collect)
     finally:
         bar.close()
     results.sort(key=lambda r: r.id)
@@ -165,8 +176,14 @@ class BuildSummary:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.kind == "error"]
 
+    @property
+    def lost(self) -> list[Problem]:
+        """Samples whose worker process died (killed, usually for memory): not bad input, but not built either."""
+        return [p for p in self.problems if p.reason == "worker_died"]
+
     def exit_code(self, strict: bool = False) -> int:
-        if not self.records:
+        """1 when nothing was written, a worker died (samples missing), or with `strict` any bad input; else 0."""
+        if not self.records or self.lost:
             return 1
         return 1 if strict and self.errors else 0
 

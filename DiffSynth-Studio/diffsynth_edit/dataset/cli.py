@@ -43,6 +43,7 @@ def _parse(cls: type[T], argv: Sequence[str], prog: str, section: str, positiona
 
 
 def main_build(argv: Sequence[str]) -> int:
+    from ..output_errors import OutputWriteError
     from .build_config import BuildConfig
     from .builder import build_dataset
 
@@ -52,9 +53,17 @@ def main_build(argv: Sequence[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"error: {e}; stopped: {cfg.out} and its report were not changed (samples already finished are "
+              f"reused by the next run)", file=sys.stderr)
+        return 2
     print(summary.format())
     if not summary.records:
         print("error: no sample was written", file=sys.stderr)
+    elif summary.lost:
+        print(f"error: {len(summary.lost)} sample(s) not built because their worker process died: "
+              + ", ".join(p.id or "?" for p in summary.lost[:10]) + (" ..." if len(summary.lost) > 10 else "")
+              + "; the others are written; run the same command again to build them", file=sys.stderr)
     elif cfg.strict and summary.errors:
         print(f"error: --strict and {len(summary.errors)} bad inputs", file=sys.stderr)
     return summary.exit_code(cfg.strict)

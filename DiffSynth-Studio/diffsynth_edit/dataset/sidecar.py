@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, json_text
+from ..output_errors import OutputWriteError
 from .build_config import BUILDER_VERSION, BuildSettings
 from .records import SampleError, SampleSpec, _err
 
@@ -59,4 +60,8 @@ def _outputs_ok(outputs: dict[str, int], base_dir: Path) -> bool:
 def _write_sidecar(st: BuildSettings, ident: str, key: str, stats: dict, record: dict | None,
                    outputs: dict[str, int]) -> None:
     meta = {"version": BUILDER_VERSION, "key": key, "stats": stats, "record": record, "outputs": outputs}
-    atomic_write_bytes(st.meta_dir / f"{ident}.json", json_text(meta).encode(), fsync=False)
+    path = st.meta_dir / f"{ident}.json"
+    try:
+        atomic_write_bytes(path, json_text(meta).encode(), fsync=False)
+    except OSError as e:
+        raise OutputWriteError.from_os_error(e, path) from None

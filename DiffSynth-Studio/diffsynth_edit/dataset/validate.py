@@ -13,7 +13,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -99,6 +99,9 @@ def _ident(rec: Any) -> str | None:
     return None
 
 
+_Add = Callable[[str, "str | None", "Path | str | None", str], None]  # (level, key, file, message)
+
+
 def validate_record(rec: Any, index: int, base_dir: Path, swap_check: bool = True) -> list[Issue]:
     """Every problem of one entry (see the module docstring)."""
     ident = _ident(rec)
@@ -110,7 +113,23 @@ def validate_record(rec: Any, index: int, base_dir: Path, swap_check: bool = Tru
     if not isinstance(rec, dict):
         add("error", None, None, f"must be a JSON object, got {type(rec).__name__}")
         return issues
-    prompt = rec.get("prompt")
+    _check_prompt(rec.get("prompt"), add)
+    paths = _entry_paths(rec, base_dir, add)
+    arrays = _decode_entry_images(paths, add)
+    ref_size = _check_sizes(arrays, paths, add)
+    binary = _check_mask(arrays, paths, add)
+    box = _expected_box(ref_size, binary, "back_mask" in paths)
+    crop_size = _size(arrays, "ref_gt_crop")
+    if box is not None and crop_size is not None and crop_size != (box.width, box.height):
+        add("error", "ref_gt_crop", paths["ref_gt_crop"],
+            f"size {crop_size[0]}x{crop_size[1]} differs from the 16-aligned mask bbox {box.width}x{box.height} "
+            f"(x {box.x1}..{box.x2}, y {box.y1}..{box.y2})")
+    if swap_check and box is not None and binary is not None:
+        _check_swap(arrays, paths, binary, box, ref_size, add)
+    return issues
+
+
+def _check_prompt(prompt: Any, add: _Add) -> None:
     if prompt is None:
         add("error", "prompt", None, "missing")
     elif not isinstance(prompt, str):
@@ -118,6 +137,9 @@ def validate_record(rec: Any, index: int, base_dir: Path, swap_check: bool = Tru
     elif not prompt.strip():
         add("warning", "prompt", None, "empty prompt")
 
+
+def _entry_paths(rec: dict, base_dir: Path, add: _Add) -> dict[str, Path]:
+    """key -> resolved path of every image the entry names (malformed values reported and left out)."""
     paths: dict[str, Path] = {}
 
     def path_of(key: str, value: Any, required: bool) -> None:
@@ -148,7 +170,11 @@ def validate_record(rec: Any, index: int, base_dir: Path, swap_check: bool = Tru
         path_of(key, rec.get(key), False)
     if "edit_type" in rec and rec["edit_type"] is not None and not isinstance(rec["edit_type"], str):
         add("error", "edit_type", None, "must be a string")
+    return paths
 
+
+def _decode_entry_images(paths: dict[str, Path], add: _Add) -> dict[str, np.ndarray]:
+    """key -> decoded pixels (the mask as L, the others as RGB); missing or undecodable files reported."""
     arrays: dict[str, np.ndarray] = {}
     for key, path in paths.items():
         if not path.is_file():
@@ -161,57 +187,70 @@ def validate_record(rec: Any, index: int, base_dir: Path, swap_check: bool = Tru
             add("error", key, path, e.reason)
             continue
         arrays[key] = np.asarray(img)
+    return arrays
 
-    def size(key: str) -> tuple[int, int] | None:
-        a = arrays.get(key)
-        return None if a is None else (a.shape[1], a.shape[0])
 
-    ref_size = size("image")
+def _size(arrays: dict[str, np.ndarray], key: str) -> tuple[int, int] | None:
+    a = arrays.get(key)
+    return None if a is None else (a.shape[1], a.shape[0])
+
+
+def _check_sizes(arrays: dict[str, np.ndarray], paths: dict[str, Path], add: _Add) -> tuple[int, int] | None:
+    """The size of `image` (None when it was not read); the source, mask and ref_gt must match it."""
+    ref_size = _size(arrays, "image")
     if ref_size is not None:
         for key in ("edit_image[0]", "back_mask", "ref_gt"):
-            s = size(key)
+            s = _size(arrays, key)
             if s is not None and s != ref_size:
                 add("error", key, paths[key], f"size {s[0]}x{s[1]} differs from image {ref_size[0]}x{ref_size[1]}")
         if ref_size[0] % ALIGN or ref_size[1] % ALIGN:
             add("warning", "image", paths["image"],
                 f"size {ref_size[0]}x{ref_size[1]} is not a multiple of {ALIGN} (the bbox/crop check is skipped)")
+    return ref_size
 
-    binary = None
-    if "back_mask" in arrays:
-        binary = binarize_mask(arrays["back_mask"])
-        if not binary.any():
-            add("error", "back_mask", paths["back_mask"], "mask is empty (no pixel above 127)")
-            binary = None
 
-    box = None
-    if ref_size is not None and not (ref_size[0] % ALIGN or ref_size[1] % ALIGN):
-        if binary is not None and binary.shape == (ref_size[1], ref_size[0]):
-            box = mask_bbox(binary, (ref_size[1], ref_size[0]))
-        elif "back_mask" not in paths:
-            box = mask_bbox(None, (ref_size[1], ref_size[0]))
-    crop_size = size("ref_gt_crop")
-    if box is not None and crop_size is not None and crop_size != (box.width, box.height):
-        add("error", "ref_gt_crop", paths["ref_gt_crop"],
-            f"size {crop_size[0]}x{crop_size[1]} differs from the 16-aligned mask bbox {box.width}x{box.height} "
-            f"(x {box.x1}..{box.x2}, y {box.y1}..{box.y2})")
+def _check_mask(arrays: dict[str, np.ndarray], paths: dict[str, Path], add: _Add) -> np.ndarray | None:
+    """The binary mask, or None when there is none, it was not read, or it is empty (reported)."""
+    if "back_mask" not in arrays:
+        return None
+    binary = binarize_mask(arrays["back_mask"])
+    if not binary.any():
+        add("error", "back_mask", paths["back_mask"], "mask is empty (no pixel above 127)")
+        return None
+    return binary
 
-    if swap_check and box is not None and binary is not None and "image" in arrays and "edit_image[0]" in arrays \
-            and size("edit_image[0]") == ref_size:
-        ref = None
-        if crop_size == (box.width, box.height):
-            ref = arrays["ref_gt_crop"]
-        elif size("ref_gt") == ref_size:
-            ref = arrays["ref_gt"][box.y1:box.y2, box.x1:box.x2]
-        if ref is not None:
-            inside = binary[box.y1:box.y2, box.x1:box.x2]
-            ref_in = ref[inside].astype(np.int16)
-            d_img = float(np.abs(arrays["image"][box.y1:box.y2, box.x1:box.x2][inside] - ref_in).mean())
-            d_src = float(np.abs(arrays["edit_image[0]"][box.y1:box.y2, box.x1:box.x2][inside] - ref_in).mean())
-            if d_src + SWAP_MARGIN < d_img:
-                add("warning", "image", paths["image"],
-                    f"looks swapped: inside the mask ref_gt matches edit_image[0] (mean abs diff {d_src:.1f}) "
-                    f"better than image ({d_img:.1f}); `image` must be the TARGET and edit_image[0] the SOURCE")
-    return issues
+
+def _expected_box(ref_size: tuple[int, int] | None, binary: np.ndarray | None, has_mask: bool):
+    """The 16-aligned mask bbox ref_gt_crop must have (the whole image without a mask); None when unknown."""
+    if ref_size is None or ref_size[0] % ALIGN or ref_size[1] % ALIGN:
+        return None
+    if binary is not None and binary.shape == (ref_size[1], ref_size[0]):
+        return mask_bbox(binary, (ref_size[1], ref_size[0]))
+    if not has_mask:
+        return mask_bbox(None, (ref_size[1], ref_size[0]))
+    return None
+
+
+def _check_swap(arrays: dict[str, np.ndarray], paths: dict[str, Path], binary: np.ndarray, box,
+                ref_size: tuple[int, int] | None, add: _Add) -> None:
+    """Warn when, inside the mask, ref_gt matches the source better than `image` (image and source swapped)."""
+    if "image" not in arrays or "edit_image[0]" not in arrays or _size(arrays, "edit_image[0]") != ref_size:
+        return
+    ref = None
+    if _size(arrays, "ref_gt_crop") == (box.width, box.height):
+        ref = arrays["ref_gt_crop"]
+    elif _size(arrays, "ref_gt") == ref_size:
+        ref = arrays["ref_gt"][box.y1:box.y2, box.x1:box.x2]
+    if ref is None:
+        return
+    inside = binary[box.y1:box.y2, box.x1:box.x2]
+    ref_in = ref[inside].astype(np.int16)
+    d_img = float(np.abs(arrays["image"][box.y1:box.y2, box.x1:box.x2][inside] - ref_in).mean())
+    d_src = float(np.abs(arrays["edit_image[0]"][box.y1:box.y2, box.x1:box.x2][inside] - ref_in).mean())
+    if d_src + SWAP_MARGIN < d_img:
+        add("warning", "image", paths["image"],
+            f"looks swapped: inside the mask ref_gt matches edit_image[0] (mean abs diff {d_src:.1f}) "
+            f"better than image ({d_img:.1f}); `image` must be the TARGET and edit_image[0] the SOURCE")
 
 
 _WORKER: tuple[Path, bool] | None = None

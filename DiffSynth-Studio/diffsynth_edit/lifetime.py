@@ -1,0 +1,106 @@
+"""Process lifetime: worker processes that die with their parent, a parent that stops cleanly on SIGTERM, temporary
+folders that a killed run leaves behind removed by the next run, and a readable cause of a worker's death.
+
+Linux: a worker asks the kernel for SIGKILL when its parent dies (`prctl(PR_SET_PDEATHSIG)`). Elsewhere (and as a
+second guard) a daemon thread polls the parent pid and exits the worker when the parent is gone.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int | None = None, poll_seconds: float = 1.0) -> None:
+    """Call first thing in a worker process: it is killed (SIGKILL) when the process that started it dies, even
+    by SIGKILL. `parent`: the pid the parent had (pass `os.getpid()` from the parent), so that a worker whose parent
+    died while it was still starting exits at once. The parent-death signal is tied to the parent's *thread* that
+    started the worker: start workers from the main thread."""
+    parent = os.getppid() if parent is None else parent
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):  # no libc / no prctl: the watchdog below still works
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a child process ended, for a message: 'killed by SIGKILL (likely out of memory)', 'exited with code 3'."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (likely out of memory: the kernel's OOM killer sends SIGKILL)" if -exitcode == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's preemption); raised in the main thread so that `finally` blocks run.
+    A BaseException, like KeyboardInterrupt, so that `except Exception` handlers do not swallow it."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread (the previous handler comes back after).
+    A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the cleanup run
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def owned_temp_dir(prefix: str) -> Path:
+    """A new temporary folder `<tmp>/<prefix>-<pid>-<random>`; folders of this prefix whose pid is dead (a run
+    killed before it could clean up) are removed first."""
+    root = Path(tempfile.gettempdir())
+    pattern = re.compile(re.escape(prefix) + r"-(\d+)-")
+    for p in root.glob(f"{prefix}-*"):
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))

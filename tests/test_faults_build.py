@@ -1,0 +1,121 @@
+"""Faults of `generate_dataset_json_mp.py build`: a worker process that dies (the OOM killer), a huge input refused by
+its header, a full or read-only output file system. Issue 19, items 3 and 5."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffsynth_edit.dataset.build_config import BuildConfig
+from diffsynth_edit.dataset.builder import build_dataset
+from diffsynth_edit.dataset.synthetic import make_sample_data
+from diffsynth_edit.dataset.workers import KILL_ENV
+from fs_faults import error_lines, small_fs, tmp_files  # noqa: F401  (small_fs: fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(raw, out: Path, *extra, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "generate_dataset_json_mp.py"), "build", *raw.build_args(), "--out", str(out),
+           "--progress", "false", *map(str, extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def ids(path: Path) -> list[str]:
+    return [r["id"] for r in json.loads(path.read_text())]
+
+
+@pytest.mark.slow
+def test_dead_worker_is_reported_and_the_build_finishes(tmp_path):
+    """A worker SIGKILLed on one sample (as by the OOM killer): the build ends (it used to wait forever), the others
+    are written, the lost sample is reported by name with the signal, exit 1; a re-run builds just that sample."""
+    raw = make_sample_data(tmp_path / "raw", count=6, size=64, seed=1)
+    out = tmp_path / "out" / "ds.json"
+    r = build(raw, out, "--workers", 2, env={KILL_ENV: "sample_0003"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert ids(out) == [s for s in raw.stems if s != "sample_0003"]
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "sample_0003" in lines[0] and "worker process died" in lines[0], r.stderr
+    assert "error worker_died: [sample_0003]" in r.stdout and "SIGKILL" in r.stdout, r.stdout
+    report = json.loads((out.parent / "ds_report.json").read_text())
+    (lost,) = [p for p in report["problems"] if p["reason"] == "worker_died"]
+    assert lost["id"] == "sample_0003" and lost["file"] == str(raw.source_dir / "sample_0003.png")
+    assert "out of memory" in lost["detail"]
+
+    r = build(raw, out, "--workers", 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ids(out) == raw.stems and "(1 built, 5 up to date)" in r.stdout, r.stdout
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says `width`x`height` but that holds the pixels of a 64x64 image (a decoder that trusts
+    the header reads a truncated file; one that checks the header first never decodes)."""
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_huge_input_is_refused_by_its_header(tmp_path):
+    """An image above --max-input-pixels (default: Pillow's bomb threshold, 89,478,485) is a `too_large` error
+    naming its size, read from the header; the others are built; a lower limit refuses smaller images too (when
+    they are decoded: up-to-date samples are reused without decoding)."""
+    raw = make_sample_data(tmp_path / "raw", count=3, size=64, seed=2)
+    _png_claiming(raw.target_dir / "sample_0001.png", 10_000, 10_000)  # 100 Mpx: above 1x, below Pillow's 2x error
+    out = tmp_path / "out" / "ds.json"
+    summary = build_dataset(BuildConfig(out=out, source_dir=raw.source_dir, target_dir=raw.target_dir,
+                                        mask_dir=raw.mask_dir, instructions=raw.instructions, workers=1,
+                                        progress=False))
+    (err,) = summary.errors
+    assert (err.reason, err.id, err.file) == ("too_large", "sample_0001", str(raw.target_dir / "sample_0001.png"))
+    assert "10000x10000 = 100,000,000 pixels" in err.detail and "89,478,485" in err.detail
+    assert [r["id"] for r in summary.records] == ["sample_0000", "sample_0002"]
+
+    summary = build_dataset(BuildConfig(out=out, source_dir=raw.source_dir, target_dir=raw.target_dir,
+                                        mask_dir=raw.mask_dir, instructions=raw.instructions, workers=1,
+                                        progress=False, max_input_pixels=64 * 64 - 1, force=True))
+    assert not summary.records and {e.reason for e in summary.errors} == {"too_large"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_failed_write_stops_the_build_and_keeps_the_previous_json(tmp_path, small_fs, fault):
+    """A full (or read-only) output file system: one error line naming the file and the reason, exit 2, the
+    previous dataset JSON and report byte for byte; no temporary file left; with the fault gone, a re-run writes
+    the same JSON."""
+    raw = make_sample_data(tmp_path / "raw", count=6, size=64, seed=3)
+    out = small_fs.path / "ds.json"
+    assert build(raw, out, "--workers", 2).returncode == 0
+    before = {p: p.read_bytes() for p in (out, small_fs.path / "ds_report.json")}
+    if fault == "full":
+        small_fs.fill(leave=4096)
+    else:
+        small_fs.read_only()
+    try:
+        r = build(raw, out, "--workers", 2, "--force", "true")
+    finally:
+        if fault == "read-only":
+            small_fs.writable()
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
+    reason = "no space left on the device" if fault == "full" else "read-only file system"
+    assert lines[0].startswith(f"error: cannot write {small_fs.path}/") and f"({reason})" in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and "internal_error" not in r.stdout
+    assert {p: p.read_bytes() for p in before} == before
+    assert not tmp_files(small_fs.path)
+    small_fs.unfill()
+    r = build(raw, out, "--workers", 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.read_bytes() == before[out]
+
