@@ -58,7 +58,8 @@ def train_case(dit, batch, noised, device, a, mode, rank, targets, optimizer, td
     from diffsynth_edit.ste import STE
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.lora import inject_lora
-    from diffsynth_edit.training.loop import EditTrainModel, build_optimizer
+    from diffsynth_edit.training.model import EditTrainModel
+    from diffsynth_edit.training.optim import build_optimizer
 
     cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
                       learning_rate=1e-4 if optimizer == "adamw" else 1.0)
