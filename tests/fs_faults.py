@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -58,3 +59,26 @@ def error_lines(text: str) -> list[str]:
 
 def tmp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*.tmp")]
+
+
+def run_under_fault(small_fs: SmallFs, fault: str, run: Callable[[], subprocess.CompletedProcess],
+                    leave: int) -> subprocess.CompletedProcess:
+    """`run()` with the file system full (about `leave` bytes free) or read-only; read-only is undone after."""
+    if fault == "full":
+        small_fs.fill(leave=leave)
+    else:
+        small_fs.read_only()
+    try:
+        return run()
+    finally:
+        if fault == "read-only":
+            small_fs.writable()
+
+
+def assert_one_write_error(r: subprocess.CompletedProcess, fault: str, folder: Path) -> None:
+    """Exit 2, one `error: cannot write FOLDER/... (reason)` line, no traceback, no temporary file left."""
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
+    reason = "no space left on the device" if fault == "full" else "read-only file system"
+    assert lines[0].startswith(f"error: cannot write {folder}/") and f"({reason})" in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and not tmp_files(folder)

@@ -97,7 +97,7 @@ def _http(url: str, data: dict | None = None, headers: dict | None = None) -> tu
 
 @pytest.mark.slow
 def test_served_app_asks_for_the_login(tiny_root, tmp_path):
-    from diffsynth_edit.app.testing import free_port
+    from diffsynth_edit.app.testing import free_port, stop_process
 
     users = tmp_path / "users"
     users.write_text("alice:s3cret\n")
@@ -125,12 +125,7 @@ def test_served_app_asks_for_the_login(tiny_root, tmp_path):
         cookie = next(v for k, v in headers.items() if k.lower() == "set-cookie").split(";")[0]
         assert _http(url + "config", headers={"Cookie": cookie})[0] == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -18,7 +18,7 @@ from diffsynth_edit.dataset.build_config import BuildConfig
 from diffsynth_edit.dataset.builder import build_dataset
 from diffsynth_edit.dataset.synthetic import make_sample_data
 from diffsynth_edit.dataset.workers import KILL_ENV
-from fs_faults import error_lines, small_fs, tmp_files  # noqa: F401  (small_fs: fixture)
+from fs_faults import assert_one_write_error, error_lines, run_under_fault, small_fs  # noqa: F401  (small_fs: fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,22 +98,10 @@ def test_failed_write_stops_the_build_and_keeps_the_previous_json(tmp_path, smal
     out = small_fs.path / "ds.json"
     assert build(raw, out, "--workers", 2).returncode == 0
     before = {p: p.read_bytes() for p in (out, small_fs.path / "ds_report.json")}
-    if fault == "full":
-        small_fs.fill(leave=4096)
-    else:
-        small_fs.read_only()
-    try:
-        r = build(raw, out, "--workers", 2, "--force", "true")
-    finally:
-        if fault == "read-only":
-            small_fs.writable()
-    lines = error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
-    reason = "no space left on the device" if fault == "full" else "read-only file system"
-    assert lines[0].startswith(f"error: cannot write {small_fs.path}/") and f"({reason})" in lines[0], lines[0]
-    assert "Traceback" not in r.stderr and "internal_error" not in r.stdout
+    r = run_under_fault(small_fs, fault, lambda: build(raw, out, "--workers", 2, "--force", "true"), leave=4096)
+    assert_one_write_error(r, fault, small_fs.path)
+    assert "internal_error" not in r.stdout
     assert {p: p.read_bytes() for p in before} == before
-    assert not tmp_files(small_fs.path)
     small_fs.unfill()
     r = build(raw, out, "--workers", 2)
     assert r.returncode == 0, r.stdout + r.stderr

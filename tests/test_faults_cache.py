@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fs_faults import error_lines, small_fs, tmp_files  # noqa: F401  (small_fs: fixture)
+from fs_faults import assert_one_write_error, error_lines, run_under_fault, small_fs  # noqa: F401  (small_fs: fixture)
 from test_cache import cache_args, run_sub, sample_files, simple_dataset, sub_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,20 +110,9 @@ def test_full_or_read_only_cache_folder_is_one_line_and_resumable(tiny_root, tmp
     entry = max(p.stat().st_size for p in (cache / "samples").glob("*.safetensors"))
     args.remove("--limit")
     args.remove("2")
-    if fault == "full":
-        small_fs.fill(leave=entry + entry // 2)  # room for about one more entry, not four
-    else:
-        small_fs.read_only()
-    try:
-        r = run_sub(args, env)
-    finally:
-        if fault == "read-only":
-            small_fs.writable()
-    lines = error_lines(r.stderr)
-    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
-    reason = "no space left on the device" if fault == "full" else "read-only file system"
-    assert lines[0].startswith(f"error: cannot write {cache}/") and f"({reason})" in lines[0], lines[0]
-    assert "Traceback" not in r.stderr and not tmp_files(cache)
+    r = run_under_fault(small_fs, fault, lambda: run_sub(args, env),
+                        leave=entry + entry // 2)  # room for about one more entry, not four
+    assert_one_write_error(r, fault, cache)
     small_fs.unfill()
     r = run_sub(args, env)
     assert r.returncode == 0 and "failed 0" in r.stdout, r.stdout + r.stderr

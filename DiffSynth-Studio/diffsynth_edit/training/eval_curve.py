@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..editing.evaluate import mean_metrics, region_metrics
+from .logger import save_figure
 
 COLUMNS = ["step", "psnr", "psnr_in", "psnr_out", "identity_psnr_in", "identity_psnr_out", "samples"]
 
@@ -79,10 +80,4 @@ def plot_eval_curve(csv_path: Path, out: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("PSNR vs the target's VAE round trip (dB)")
     ax.set_title("validation edits")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, ax, out)

@@ -100,6 +100,13 @@ def plot_loss_curve(csv_path: Path, out: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    return save_figure(fig, ax, out)
+
+
+def save_figure(fig, ax, out: Path) -> Path:
+    """Legend, grid, tight layout; written atomically as PNG; the figure closed."""
+    import matplotlib.pyplot as plt
+
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
