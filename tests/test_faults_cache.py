@@ -119,3 +119,23 @@ def test_full_or_read_only_cache_folder_is_one_line_and_resumable(tiny_root, tmp
     assert len(sample_files(cache)) == 6
     r = run_sub(["verify", "--cache-dir", str(cache)], env)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cleanup_on_a_read_only_cache_folder_is_the_runs_write_error(small_fs):
+    """The end-of-run cleanup (leftover temporary files, pruned samples) on a folder that refuses deletion raises the
+    run's one-line write error naming the file, not an OSError traceback."""
+    from diffsynth_edit.cache.encode import _cleanup
+    from diffsynth_edit.output_errors import OutputWriteError
+
+    cache = small_fs.path / "cache"
+    (cache / "samples").mkdir(parents=True)
+    leftover = cache / "samples" / ".half-written.safetensors.tmp"
+    leftover.write_bytes(b"x")
+    small_fs.read_only()
+    try:
+        with pytest.raises(OutputWriteError) as err:
+            _cleanup(cache, expected=set(), prune=True)
+    finally:
+        small_fs.writable()
+    assert str(err.value) == f"cannot write {leftover} (read-only file system)"
+    assert leftover.exists()

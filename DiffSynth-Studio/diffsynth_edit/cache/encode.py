@@ -193,15 +193,23 @@ def _cleanup(cache_dir: Path, expected: set[str], prune: bool) -> tuple[list[str
     for folder in (cache_dir, samples):
         if folder.is_dir():
             for p in folder.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
+                _remove(p)
     if samples.is_dir():
         for p in sorted(samples.glob("*" + SAMPLE_SUFFIX)):
             if p.stem in expected:
                 continue
             rel = f"{SAMPLES_DIR}/{p.name}"
             if prune:
-                p.unlink(missing_ok=True)
+                _remove(p)
                 removed.append(rel)
             else:
                 kept.append(rel)
     return removed, kept
+
+
+def _remove(path: Path) -> None:
+    """Delete a file of the cache folder; a folder that refuses it is the run's one-line error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputWriteError.from_os_error(e, path) from None
