@@ -49,14 +49,18 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         raise
 
 
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def atomic_write_bytes(final: Path | str, data: bytes, fsync: bool = True) -> None:
     """Write `data` to `final` atomically (fsync before the rename unless `fsync=False`)."""
     with atomic_path(final) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        _write_file(tmp, data, fsync)
 
 
 def atomic_write_text(final: Path | str, text: str, fsync: bool = True) -> None:
@@ -77,16 +81,36 @@ def atomic_write_if_changed(final: Path | str, data: bytes | str, fsync: bool = 
 
     Re-runs that produce identical output leave the file (and its mtime) alone.
     """
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    final = Path(final)
-    try:
-        if final.stat().st_size == len(data) and final.read_bytes() == data:
-            return False
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    if _holds(Path(final), data):
+        return False
     atomic_write_bytes(final, data, fsync=fsync)
     return True
+
+
+def atomic_write_all_if_changed(files: list[tuple[Path, bytes | str]]) -> list[Path]:
+    """Write every file whose content changed, all or none: each goes to a temporary file first, and the renames
+    happen only once every temporary file is complete (and fsynced). A failed write raises its OSError, with
+    `filename` set to the final file it was writing, and leaves every previous file as it was. Returns the files
+    written."""
+    changed = [(Path(path), data.encode("utf-8") if isinstance(data, str) else data) for path, data in files]
+    changed = [(path, data) for path, data in changed if not _holds(path, data)]
+    with contextlib.ExitStack() as stack:
+        for path, data in changed:
+            try:
+                _write_file(stack.enter_context(atomic_path(path)), data, fsync=True)
+            except OSError as e:
+                e.filename = str(path)
+                raise
+    return [path for path, _ in changed]
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """`path` exists and holds exactly `data`."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def kill_point(env: str, stage: str, count: int) -> None:

@@ -10,7 +10,6 @@ Where: `build_config` (BuildConfig, OutputLayout, BuildSettings), `records` (wha
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path, json_text
+from ..atomic import atomic_write_all_if_changed, json_text
 from ..output_errors import OutputWriteError
 from .build_config import BUILDER_VERSION, BuildConfig, BuildSettings, OutputLayout
 from .build_sample import process_sample
@@ -82,29 +81,12 @@ def _dataset_files(cfg: BuildConfig, layout: OutputLayout, records: list[dict[st
 
 
 def _write_together(files: list[tuple[Path, str]]) -> list[Path]:
-    """Write every file whose content changed, all or none: each goes to a temporary file first and the renames
-    happen only when every temporary file is complete. A failed write raises `OutputWriteError` and leaves every
-    previous file as it was. Returns the files written."""
-    changed = []
-    for path, text in files:
-        data = text.encode("utf-8")
-        try:
-            if path.stat().st_size == len(data) and path.read_bytes() == data:
-                continue
-        except OSError:
-            pass
-        changed.append((path, data))
-    with contextlib.ExitStack() as stack:
-        for path, data in changed:
-            try:
-                tmp = stack.enter_context(atomic_path(path))
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                raise OutputWriteError.from_os_error(e, path) from None
-    return [path for path, _ in changed]
+    """The dataset files and the report, all or none (`atomic_write_all_if_changed`); a failed write is the run's
+    `OutputWriteError` and every previous file stays as it was."""
+    try:
+        return atomic_write_all_if_changed(files)
+    except OSError as e:
+        raise OutputWriteError.from_os_error(e, e.filename) from None
 
 
 def available_cpus() -> int:
