@@ -107,3 +107,11 @@ def test_failed_write_stops_the_build_and_keeps_the_previous_json(tmp_path, smal
     assert r.returncode == 0, r.stdout + r.stderr
     assert out.read_bytes() == before[out]
 
+
+
+def test_negative_max_input_pixels_is_refused_by_name(tmp_path):
+    raw = make_sample_data(tmp_path / "raw", count=1, size=64, seed=1)
+    r = build(raw, tmp_path / "ds.json", "--max-input-pixels", -1)
+    assert r.returncode == 2 and error_lines(r.stderr) == ["error: `max_input_pixels` must be >= 0 (0 = no limit)"], \
+        r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "ds.json").exists()

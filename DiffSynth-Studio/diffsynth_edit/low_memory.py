@@ -38,8 +38,7 @@ def low_memory_enabled(cfg) -> bool:
                 or getattr(cfg, "text_encoder_blocks_to_swap", 0))
 
 
-def check_low_memory_flags(fp8_base: bool, blocks_to_swap: int, n_blocks: int | None = None,
-                           flag: str = "--blocks-to-swap") -> None:
+def check_low_memory_flags(blocks_to_swap: int, n_blocks: int | None = None, flag: str = "--blocks-to-swap") -> None:
     """One-line errors naming the flag for values the model cannot take."""
     if not isinstance(blocks_to_swap, int) or isinstance(blocks_to_swap, bool) or blocks_to_swap < 0:
         raise ConfigError(f"{flag} must be an integer ≥ 0, got {blocks_to_swap!r}")
@@ -60,7 +59,7 @@ def apply_low_memory(dit: torch.nn.Module, cfg, device: torch.device | str, pipe
     fp8, n_swap = bool(getattr(cfg, "fp8_base", False)), getattr(cfg, "blocks_to_swap", 0)
     n_te = getattr(cfg, "text_encoder_blocks_to_swap", 0)
     blocks = dit.transformer_blocks
-    check_low_memory_flags(fp8, n_swap, len(blocks))
+    check_low_memory_flags(n_swap, len(blocks))
     if getattr(cfg, "fp8", False):
         raise ConfigError("--fp8 (fp8 matmuls) does not combine with the low-memory flags; use --fp8-base (fp8 "
                           "storage) with --blocks-to-swap / --text-encoder-blocks-to-swap")
@@ -94,7 +93,7 @@ def place_encoders(pipe, n_te: int, device: torch.device | str) -> None:
     te = getattr(pipe, "text_encoder", None)
     if te is not None:
         layers = _text_encoder_layers(te)
-        check_low_memory_flags(False, n_te, len(layers), flag="--text-encoder-blocks-to-swap")
+        check_low_memory_flags(n_te, len(layers), flag="--text-encoder-blocks-to-swap")
         if n_te:
             te._block_swapper = BlockSwapper(layers, n_te, device)  # placeholders already on `device`
         te.to(device)

@@ -136,7 +136,7 @@ class TrainConfig:
     def _validate_low_memory(self) -> None:
         from ..low_memory import check_low_memory_flags
 
-        check_low_memory_flags(self.fp8_base, self.blocks_to_swap)
+        check_low_memory_flags(self.blocks_to_swap)
         if not self.blocks_to_swap:
             return
         if not self.gradient_checkpointing:
