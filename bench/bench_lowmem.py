@@ -2,7 +2,7 @@
 """The low-memory tier (fp8 base + swapped blocks) on the full-size 2511 DiT (random weights), under hard memory caps.
 
     python bench/bench_lowmem.py          # GPU: 1024² target + one 1024² reference, 256 text tokens
-    python bench/bench_lowmem.py --tiny   # CPU smoke test (no caps)
+    python bench/bench_lowmem.py --tiny   # CPU smoke test (no caps); --tiny --device cuda: the CUDA paths in seconds
 
 In one process, on the same batch and the same LoRA initialisation (seeded):
   (1) bf16, full memory: plain, LoRA r32 on the 12 upstream targets, AdamW, fp32 LoRA   (the reference of 3)
@@ -168,9 +168,11 @@ def main() -> int:
     p.add_argument("--swap-te", type=int, default=24, help="swapped text-encoder layers for the edit under 24 GiB")
     p.add_argument("--edit-steps", type=int, default=3)
     p.add_argument("--skip-48", action="store_true")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny); --tiny --device cuda smoke-tests "
+                   "the CUDA paths (pinned copies, side stream) in seconds")
     a = p.parse_args()
-    device = "cpu" if a.tiny else "cuda"
-    dtype = torch.float32 if a.tiny else torch.bfloat16
+    device = a.device or ("cpu" if a.tiny else "cuda")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if a.tiny:
         a.swap_24 = a.swap_48 = a.swap_edit = 2
         a.swap_te = 1
