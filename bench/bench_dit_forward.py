@@ -18,6 +18,7 @@ prompt for CFG has 200 tokens. Timed (each under torch.no_grad, CUDA-synchronise
       calls per step like (d′); (d′) the same with batch_cfg off
   (e) an upstream-style 40-step CFG loop: 80 sequential `model_fn_qwen_image` calls with the Qwen-Image scheduler
   (f) as (d) in bridge mode (sub box + STE)
+  (g) with --fast-loop (CUDA): (d) after the editor's opt-in `speed_up(compile_blocks=True)`; (g′) + fp8 linears
 (d)–(f) are timed once each (after one warm-up step), as they take tens of seconds. Peak memory is
 torch.cuda.max_memory_allocated per section (weights included). The markdown table is printed and, when the
 environment variable OUT is set, written to $OUT/dit_forward.md (plus dit_forward.json).
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-loops", action="store_true", help="only the single-forward cases (a)-(c)")
     p.add_argument("--skip-bridge-loop", action="store_true", help="skip (f)")
     p.add_argument("--skip-sequential-cfg", action="store_true", help="skip (d′)")
+    p.add_argument("--fast-loop", action="store_true", help="CUDA: also (g) compiled and (g′) compiled + fp8 loops "
+                   "(fp8 is applied in place: with this flag (f) runs on the fp8 DiT)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for dit_forward.md (default $OUT)")
     return p.parse_args(argv)
 
@@ -276,12 +279,28 @@ def loop_cases(dit, ste, inp, args, timer: Timer, add, device: str, dtype: torch
     add(f"(e) upstream-style {args.steps}-step CFG {args.cfg:g} loop", med, times, peak,
         f"{2 * args.steps} sequential model_fn calls")
 
+    if args.fast_loop and device.startswith("cuda"):
+        fast_loop_cases(editor, prep, inp, settings, timer, add, args)
+
     if not args.skip_bridge_loop:
         editor.ste = ste
         editor.predict(prep, inp.x.float(), inp.sub.float(), 1000.0, args.cfg)
         med, times, _, peak = timer.run(editor_loop, 0, 1)
         add(f"(f) workspace editor, {args.steps}-step CFG {args.cfg:g}, batched CFG, bridge", med, times,
             peak, f"{args.sub}² sub + STE")
+
+
+def fast_loop_cases(editor, prep, inp, settings, timer: Timer, add, args) -> None:
+    """(g) (d) with the editor's opt-in `speed_up(compile_blocks=True)`, (g′) + fp8 linears (in place: run last)."""
+    for label, fp8 in (("(g) as (d), speed_up(compile_blocks)", False), ("(g′) as (d), compile + fp8 linears", True)):
+        editor.speed_up(compile_blocks=True, fp8=fp8)
+        t0 = time.perf_counter()
+        for _ in range(2):  # both prompt lengths compile (the second makes the graph dynamic in the length)
+            editor.predict(prep, inp.x.float(), None, 1000.0, args.cfg)
+        timer.sync()
+        warm = time.perf_counter() - t0
+        med, times, _, peak = timer.run(lambda: editor.sample(prep, settings)[0], 0, 1)
+        add(f"{label}, {args.steps}-step CFG {args.cfg:g}", med, times, peak, f"compile warm-up {warm:.0f} s")
 
 
 def main(argv=None) -> int:
