@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--block-every", type=int, default=None, help="per-block rows for every Nth block (default 6; tiny 1)")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--skip-fp8", action="store_true", help="no per-block and fp8 rows")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
     from diffsynth.pipelines.qwen_image import model_fn_qwen_image
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
             rows.append(("(bc) as (b), compile_blocks", *rel_err(workspace(), ref), None, None))
             speed["(bc) bf16 compiled"] = timed(workspace, cuda)
             uncompile_blocks(dit)  # the per-block copies must run their own (quantised) layers
-        if cuda:
+        if cuda and not args.skip_fp8:
             block_rows, means = per_block_fp8(dit, captured, dtype, every)
             results["per_block"], results["per_block_mean"] = block_rows, means
             worst = max(KINDS, key=lambda k: means[f"fp8_{k}"])

@@ -97,10 +97,11 @@ def train_case(dit, batch, noised, device, a, mode, rank, targets, optimizer, td
             torch.cuda.empty_cache()
 
 
-def edit_case(dit, device, dtype, a):
-    """A whole edit through the `Editor` (text encoder + VAE encode, `edit_steps` CFG steps, VAE decode) of a 1024²
-    image with one 1024² reference, the DiT's and the text encoder's last blocks swapped: (s per edit, peak GiB,
-    s for `prepare` alone (text encoder + VAE encode: the work of phase 1 per sample), its peak GiB)."""
+def edit_cases(dit, device, dtype, a) -> list[tuple]:
+    """Whole edits through the `Editor` (text encoder + VAE encode, `edit_steps` CFG steps, VAE decode) of a 1024²
+    image with one 1024² reference, for each "DiT blocks:text-encoder layers" swap pair of `--edit-configs`, and
+    phase 1's work (`prepare`: text encoder + VAE encode) with the DiT off the card, as the cache runs. Each is run
+    once without a cap (its peak) and then timed under the 24 GiB cap. Rows: (label, cap, s, peak GiB)."""
     import tempfile
     from pathlib import Path
 
@@ -112,20 +113,44 @@ def edit_case(dit, device, dtype, a):
     from diffsynth_edit.editing.editor import Editor, EditRequest, EditSettings
     from diffsynth_edit.low_memory import place_encoders
 
+    swap(dit, 0, device)
+    dit.to("cpu")  # phase 1 holds no DiT
     pipe = (build_tiny_pipeline(Path(tempfile.mkdtemp()), device, dtype) if a.tiny
             else build_full_pipeline(device, dtype))
     pipe.dit = dit
-    place_encoders(pipe, a.swap_te, device)
-    editor = Editor(pipe, variant="2511")
     size = 64 if a.tiny else 1024
     rng = np.random.RandomState(0)
     img, ref = (Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(2))
     request = EditRequest(image=img, prompt="put the cat from picture 2 on the sofa", references=[ref])
     settings = EditSettings(steps=a.edit_steps, cfg_scale=4.0, seed=0)
-    editor.edit(request, settings)  # warm-up
-    cap(device, 24)
+    rows = []
+    configs = [tuple(int(v) for v in c.split(":")) for c in a.edit_configs.split(",")]
+    for k, (n_dit, n_te) in enumerate(configs):
+        te = pipe.text_encoder
+        if getattr(te, "_block_swapper", None) is not None:
+            te._block_swapper.detach()
+            del te._block_swapper
+        place_encoders(pipe, n_te, device)
+        editor = Editor(pipe, variant="2511")
+        if k == 0:
+            s, peak, capped = _uncapped_then_capped(lambda: editor.prepare(request, settings), device)
+            rows.append((f"(6) phase 1's work: `prepare` (text encoder with {n_te} of 28 layers swapped + VAE encode "
+                         f"of 2 images), no DiT on the card; uncapped peak {peak:.2f} GiB", "24 GiB", *capped))
+            dit.to(device)
+        swap(dit, n_dit, device)
+        s, peak, capped = _uncapped_then_capped(lambda: editor.edit(request, settings), device)
+        rows.append((f"(5) edit through the Editor: fp8 DiT + {n_dit} swapped blocks, text encoder with {n_te} of 28 "
+                     f"layers swapped; {a.edit_steps} CFG steps + encode + decode, s per edit; uncapped: {s:.2f} s, "
+                     f"peak {peak:.2f} GiB", "24 GiB", *capped))
+    return rows
+
+
+def _uncapped_then_capped(fn, device) -> tuple[float, float, tuple[float, float]]:
+    """(s, peak GiB) of `fn` after a warm-up without a cap, then (s, peak) under 24 GiB (NaN when out of memory)."""
+    fn()
     out = []
-    for fn in (lambda: editor.edit(request, settings), lambda: editor.prepare(request, settings)):
+    for limit in (None, 24):
+        cap(device, 1.0e9 if limit is None else limit)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sync(device)
@@ -133,11 +158,24 @@ def edit_case(dit, device, dtype, a):
         try:
             fn()
             sync(device)
-            out += [time.perf_counter() - t,
-                    torch.cuda.max_memory_allocated() / GIB if device == "cuda" else float("nan")]
+            out.append((time.perf_counter() - t,
+                        torch.cuda.max_memory_allocated() / GIB if device == "cuda" else float("nan")))
         except torch.OutOfMemoryError:
-            out += [float("nan"), float("nan")]
-    return tuple(out)
+            out.append((float("nan"), float("nan")))
+    cap(device, 1.0e9)
+    return out[0][0], out[0][1], out[1]
+
+
+def full_memory_cases(dit, batch, noised, device, a, r32, bridge, r512, rows) -> tuple:
+    """(1) and (2): the bf16 references of the tiers (their rows appended; returns their results)."""
+    ref32 = train_case(dit, batch, noised, device, a, *r32)
+    rows.append(("(1) bf16 base, full memory: plain, r32, 12 targets, AdamW, fp32 LoRA", "—", *ref32[:2]))
+    ref512 = None
+    if not a.skip_48:
+        ref512 = train_case(dit, batch, noised, device, a, *bridge)
+        rows.append((f"(2) bf16 base, full memory: bridge + STE, r{r512}, 17 targets, Prodigy, bf16", "—",
+                     *ref512[:2]))
+    return ref32, ref512
 
 
 def cap(device, gib):
@@ -164,8 +202,9 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--swap-24", type=int, default=20, help="swapped blocks of the 24 GiB tier (the preset's)")
     p.add_argument("--swap-48", type=int, default=20, help="swapped blocks of the 48 GiB tier (the preset's)")
-    p.add_argument("--swap-edit", type=int, default=12, help="swapped DiT blocks for the edit under 24 GiB")
-    p.add_argument("--swap-te", type=int, default=24, help="swapped text-encoder layers for the edit under 24 GiB")
+    p.add_argument("--edit-configs", default="12:24,24:24,36:26",
+                   help="comma-separated DIT:TE swap pairs for the edits under 24 GiB (DiT blocks : text-encoder layers)")
+    p.add_argument("--only-edit", action="store_true", help="skip the training cases (1)-(4)")
     p.add_argument("--edit-steps", type=int, default=3)
     p.add_argument("--skip-48", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny); --tiny --device cuda smoke-tests "
@@ -174,8 +213,8 @@ def main() -> int:
     device = a.device or ("cpu" if a.tiny else "cuda")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if a.tiny:
-        a.swap_24 = a.swap_48 = a.swap_edit = 2
-        a.swap_te = 1
+        a.swap_24 = a.swap_48 = 2
+        a.edit_configs = "2:1,1:1"
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
     from diffsynth_edit.fp8_base import quantise_frozen_blocks
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
@@ -186,12 +225,8 @@ def main() -> int:
     bridge = ("bridge", r512, LORA_TARGETS_2511, "prodigy", torch.bfloat16)
     rows, loss_rows = [], []
 
-    ref32 = train_case(dit, batch, noised, device, a, *r32)
-    rows.append(("(1) bf16 base, full memory: plain, r32, 12 targets, AdamW, fp32 LoRA", "—", *ref32[:2]))
-    if not a.skip_48:
-        ref512 = train_case(dit, batch, noised, device, a, *bridge)
-        rows.append((f"(2) bf16 base, full memory: bridge + STE, r{r512}, 17 targets, Prodigy, bf16", "—",
-                     *ref512[:2]))
+    if not a.only_edit:
+        ref32, ref512 = full_memory_cases(dit, batch, noised, device, a, r32, bridge, r512, rows)
     t = time.perf_counter()
     n = quantise_frozen_blocks(dit)
     if device == "cuda":
@@ -209,17 +244,12 @@ def main() -> int:
         k = min(3, len(losses), len(ref[2]))
         loss_rows.append((label, [(ref[2][i], losses[i]) for i in range(k)]))
 
-    tier(f"(3) fp8 base + {a.swap_24} swapped blocks: as (1)", r32, a.swap_24, 24, ref32)
-    if not a.skip_48:
-        tier(f"(4) fp8 base + {a.swap_48} swapped blocks: as (2)", bridge, a.swap_48, 48, ref512)
+    if not a.only_edit:
+        tier(f"(3) fp8 base + {a.swap_24} swapped blocks: as (1)", r32, a.swap_24, 24, ref32)
+        if not a.skip_48:
+            tier(f"(4) fp8 base + {a.swap_48} swapped blocks: as (2)", bridge, a.swap_48, 48, ref512)
     cap(device, 1.0e9)
-    swap(dit, a.swap_edit, device)
-    edit_s, edit_peak, prep_s, prep_peak = edit_case(dit, device, dtype, a)
-    rows.append((f"(5) edit through the Editor: fp8 DiT + {a.swap_edit} swapped blocks, text encoder with {a.swap_te} "
-                 f"of 28 layers swapped; {a.edit_steps} CFG steps + encode + decode, s per edit", "24 GiB", edit_s,
-                 edit_peak))
-    rows.append(("(6) its `prepare` alone (text encoder + VAE encode of 2 images: phase 1's work per sample)",
-                 "24 GiB", prep_s, prep_peak))
+    rows += edit_cases(dit, device, dtype, a)
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² target + one {size}² reference, 256 text tokens, "

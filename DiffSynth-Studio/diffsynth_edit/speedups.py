@@ -4,8 +4,11 @@
   encode/decode) each causal conv pads two zero frames in front of the image, so only the kernel's last time slice
   ever touches data. Running that slice as a `conv2d` gives the same numbers with a third of the FLOPs and cuDNN's
   2D kernels. Exact; applied by `load_pipeline`.
-- `real_rope`: RoPE as real arithmetic on (cos, sin) pairs instead of complex multiplies, so `torch.compile` can
-  fuse it (inductor does not fuse complex ops). The same formula; `bridge_forward` passes real frequency tables.
+- `real_rope`: the blocks accept real (cos, sin) frequency tables (what `bridge_forward` passes: the STE blends
+  them per token). Eager, they are viewed back as complex and rotate with upstream's complex multiply: one kernel,
+  and upstream's rounding (on an H200 the real-arithmetic rotation was slower and moved the bf16 output by up to 0.09;
+  bench/RESULTS.md). Under `torch.compile` the rotation is real arithmetic, which inductor fuses (it does not fuse
+  complex ops).
 - `single_call_vision_attention`: the text encoder's vision tower (Qwen2.5-VL) runs its windowed attention as one
   SDPA call per window, with a host sync per layer (`lengths.tolist()`); here the windows (or whole images) of one
   length form one batched SDPA call (typically 1-3 calls per layer) and the grouping is computed once per forward.
@@ -61,6 +64,13 @@ def _rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """`x` [B, H, L, D]; `freqs` complex [..., L, D/2] (upstream) or real [..., L, D/2, 2] (cos, sin)."""
     if freqs.is_complex():
         return _original_rotary(x, freqs)
+    if not torch.compiler.is_compiling():  # eager: upstream's complex multiply, bit for bit
+        return _original_rotary(x, torch.view_as_complex(freqs.contiguous()))
+    return _real_rotary(x, freqs)
+
+
+def _real_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The rotation as real arithmetic on (cos, sin): what inductor can fuse."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = freqs[..., 0], freqs[..., 1]
@@ -69,7 +79,7 @@ def _rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def real_rope() -> None:
-    """Let diffsynth's attention accept real (cos, sin) tables; complex tables still take upstream's code."""
+    """Let diffsynth's attention accept real (cos, sin) tables (eager: rotated by upstream's code)."""
     global _original_rotary
     from diffsynth.models import qwen_image_dit
 
