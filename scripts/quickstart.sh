@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole workspace end to end on the embedded tiny model (CPU is enough, a few minutes):
 # sample raw data -> dataset JSON -> phase-1 cache -> phase-2 SFT (LoRA + STE) -> edit + evaluate
-# -> LBM warm-started from the SFT checkpoint -> 1-step LBM edit. Re-running resumes / skips finished work.
+# -> LBM trained from scratch (its own preset) -> 1-step LBM edit. Re-running resumes / skips finished work.
 # The data is the synthetic "fill" family (a white box filled with a named colour), built for the tiny model (analytic
 # VAE, zero output projection): each evaluation prints its PSNR in/out of the mask beside the identity edit and the
 # VAE round trip, and each run draws eval_curve.png (README: what these steps reach today).
