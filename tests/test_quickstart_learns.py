@@ -73,10 +73,11 @@ def test_lbm_one_step_edit_beats_the_identity_by_3_db_inside_the_mask(quickstart
 
 
 def test_lbm_one_step_edit_keeps_the_background_near_the_vae_ceiling(quickstart):
-    """Issue 17's target is within 1 dB of the VAE round trip outside the mask. In 12 runs of this recipe (s = 1
-    only; seeds 42/1/2, 300-600 steps, lr 1e-2/5e-3, 80 and 256 samples) the edit reached 32.8-36.0 dB against the
-    VAE's 36.0, within 1 dB in 5 of them; CI asserts the 4 dB that every run held (the warm-started recipe before
-    it: 20-27 dB)."""
+    """Issue 17's target is within 1 dB of the VAE round trip outside the mask; it is not robust yet, so CI asserts
+    4 dB. At this budget (80 samples, 300 steps) the gap to the VAE's 36.0 dB was 2.2, 0.6, 2.6, 0.8 dB for seeds
+    1-4 (0.1, 2.2, 3.3, 2.5, 3.6 for seeds 42, 1-4 before this tiny tokenizer and text encoder). The
+    error is spread over all samples and is mostly one colour offset over the whole background; with a single fill
+    colour (no colour word to read) the edit's own error outside is 41-43 dB, about what 1 dB needs (README)."""
     _, evals = quickstart
     psnr = evals["lbm"]["psnr"]
     assert psnr["edit"]["out"] >= psnr["vae"]["out"] - 4.0, psnr
