@@ -49,7 +49,7 @@ step "6/8 edit + evaluate the test split with $SFT_CKPT"
 step "7/8 LBM from scratch (the zero output projection makes the untrained 1-step edit the identity)"
 "$PY" train_lbm.py --preset configs/tiny_quickstart_lbm.toml --cache-dir "$QS/cache-train" \
   --model-root "$MODELS" --output-dir "$RUNS" --run-name quickstart-lbm \
-  --val-cache-dir "$QS/cache-test" --validate-every 50 --val-steps 1 --resume
+  --val-cache-dir "$QS/cache-test" --validate-every 200 --val-steps 1 --resume
 LBM_CKPT="$(ls "$RUNS"/quickstart-lbm/step-*.safetensors | sort | tail -n 1)"
 
 step "8/8 one-step LBM edit"
