@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole workspace end to end on the embedded tiny model (CPU is enough, a few minutes):
 # sample raw data -> dataset JSON -> phase-1 cache -> phase-2 SFT (LoRA + STE) -> edit + evaluate
-# -> LBM warm-started from the SFT checkpoint -> 1-step LBM edit. Re-running resumes / skips finished work.
+# -> LBM trained from scratch (its own preset) -> 1-step LBM edit. Re-running resumes / skips finished work.
 # The data is the synthetic "fill" family (a white box filled with a named colour), built for the tiny model (analytic
 # VAE, zero output projection): each evaluation prints its PSNR in/out of the mask beside the identity edit and the
 # VAE round trip, and each run draws eval_curve.png (README: what these steps reach today).
@@ -49,7 +49,7 @@ step "6/8 edit + evaluate the test split with $SFT_CKPT"
 step "7/8 LBM from scratch (the zero output projection makes the untrained 1-step edit the identity)"
 "$PY" train_lbm.py --preset configs/tiny_quickstart_lbm.toml --cache-dir "$QS/cache-train" \
   --model-root "$MODELS" --output-dir "$RUNS" --run-name quickstart-lbm \
-  --val-cache-dir "$QS/cache-test" --validate-every 50 --val-steps 1 --resume
+  --val-cache-dir "$QS/cache-test" --validate-every 200 --val-steps 1 --resume
 LBM_CKPT="$(ls "$RUNS"/quickstart-lbm/step-*.safetensors | sort | tail -n 1)"
 
 step "8/8 one-step LBM edit"

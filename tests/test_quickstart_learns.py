@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COUNT, TEST = 80, 8  # samples generated, of which held out
-SFT_STEPS, LBM_STEPS = 20, 300  # LBM: the quickstart's own LBM preset and budget
+SFT_STEPS, LBM_STEPS = 20, 1200  # LBM: the quickstart's own LBM preset, for 1200 steps (not 2000)
 
 
 def _cli(main, argv: list[str]) -> None:
@@ -72,14 +72,15 @@ def test_lbm_one_step_edit_beats_the_identity_by_3_db_inside_the_mask(quickstart
     assert psnr["edit"]["in"] >= psnr["identity"]["in"] + 3.0, psnr
 
 
-def test_lbm_one_step_edit_keeps_the_background_near_the_vae_ceiling(quickstart):
-    """Issue 17's target is within 1 dB of the VAE round trip outside the mask. In 12 runs of this recipe (s = 1
-    only; seeds 42/1/2, 300-600 steps, lr 1e-2/5e-3, 80 and 256 samples) the edit reached 32.8-36.0 dB against the
-    VAE's 36.0, within 1 dB in 5 of them; CI asserts the 4 dB that every run held (the warm-started recipe before
-    it: 20-27 dB)."""
+def test_lbm_one_step_edit_keeps_the_background_within_1_db_of_the_vae_ceiling(quickstart):
+    """Issue 17's target. At this budget (80 samples, rank 32, 1200 steps) the gap to the VAE's 36.0 dB was 0.85,
+    0.76, 0.91, 0.15, 3.54 dB for seeds 1-5 (seed 5 confused the colours: blue boxes came out brown, purple ones
+    blue) and 0.32 dB for seed 42, the seed this test trains with; with rank 8 and 300 steps 2.2, 0.6, 2.6, 0.8 dB
+    (seeds 1-4). The error outside the mask is mostly one colour offset over the whole background; with a single
+    fill colour (no colour word to read) the edit's own error outside was 41-43 dB at rank 8 / 300 steps (README)."""
     _, evals = quickstart
     psnr = evals["lbm"]["psnr"]
-    assert psnr["edit"]["out"] >= psnr["vae"]["out"] - 4.0, psnr
+    assert psnr["edit"]["out"] >= psnr["vae"]["out"] - 1.0, psnr
 
 
 def test_sft_bridge_edit_beats_the_identity_inside_the_mask(quickstart):

@@ -3,7 +3,8 @@
 They keep the real module names (so LoRA keys and targets match the 20B model) and are written in the same folder
 layout as the real weights, then loaded by the same loader (`loading.load_pipeline`). Only the widths shrink.
 A `tiny_models.json` at the root tells the loader which tiny classes the files' key hashes belong to.
-The DiT and the text encoder are random; the VAE is set analytically (`tiny_vae`: it reconstructs low-frequency
+The DiT and the text encoder are random (the text encoder's token embeddings at unit scale, so each output row
+carries its token); the VAE is set analytically (`tiny_vae`: it reconstructs low-frequency
 images), and by default the DiT's output projection is zero, so an untrained LBM edit returns the source.
 """
 from __future__ import annotations
@@ -36,8 +37,13 @@ TEMPLATE_WORDS = """system user assistant Describe describe the key features of 
 objects background then explain how user's text instruction should alter or modify Generate generate a new that meets
 requirements while maintaining consistency with original where appropriate by detailing quantity spatial relationships
 and Picture is to Make make change Change add Add remove Remove replace Replace recolour recolor square circle
-triangle object red green blue yellow purple orange white black colour into in on from it""".split()
+triangle object red green blue yellow purple orange cyan white black colour into in on from it Fill fill box""".split()
 VOCAB_SIZE = 640
+# The text encoder's token embeddings are drawn at this std (transformers draws them at initializer_range = 0.02, the
+# size of the random layers' residual updates, so each output row came out a mix of its own token and an average over
+# the prompt and the image: the colour word of "Fill the white box with <colour>." was no longer readable). At unit
+# scale the residual updates are small beside the token, so every output row is (close to) its token's embedding.
+TEXT_EMBED_STD = 1.0
 
 
 class TinyQwenImageDiT(QwenImageDiT):
@@ -122,6 +128,17 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE on one word: merge the best-ranked adjacent pair until no pair has a merge."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def build_tokenizer():
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
@@ -131,12 +148,17 @@ def build_tokenizer():
     vocab.update(TOKEN_IDS)
     merges: list[tuple[str, str]] = []
     # Letters-only words: their byte symbols are the characters themselves. (Space-prefixed forms are left out:
-    # transformers re-encodes a merge containing the space symbol, so " word" stays two tokens.)
+    # transformers re-encodes a merge containing the space symbol, so " word" stays two tokens.) Each word gets the
+    # merges that join the pieces the earlier merges leave it in, left to right, so every word ends as one token
+    # (prefix merges alone do not: "re" from "requirements" would leave "green" as g·re·e·n). A merge added later
+    # ranks after every merge an earlier word uses, so it never changes that word's tokens.
+    ranks: dict[tuple[str, str], int] = {}
     for word in TEMPLATE_WORDS:
-        for k in range(2, len(word) + 1):
-            if word[:k] not in vocab:
-                vocab[word[:k]] = 256 + len(SPECIAL_TOKENS) + 2 + len(merges)
-                merges.append((word[:k - 1], word[k - 1]))
+        while len(pieces := _bpe(list(word), ranks)) > 1:
+            joined = pieces[0] + pieces[1]
+            vocab.setdefault(joined, 256 + len(SPECIAL_TOKENS) + 2 + len(merges))
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
     if len(vocab) > VOCAB_SIZE:
         raise AssertionError(f"tiny vocabulary of {len(vocab)} exceeds VOCAB_SIZE {VOCAB_SIZE}")
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", eos_token="<|im_end|>",
@@ -199,6 +221,8 @@ def write_tiny_model(root: Path | str, seed: int = 0, dtype: torch.dtype = torch
             save_file(dit_sd, str(tmp))
     files["qwen_image_dit"] = root / "Qwen/Qwen-Image-Edit-2511/transformer/diffusion_pytorch_model.safetensors"
     te = TinyQwenImageTextEncoder()
+    with torch.no_grad():  # token embeddings at unit scale (see TEXT_EMBED_STD)
+        te.model.language_model.embed_tokens.weight.mul_(TEXT_EMBED_STD / te.config.text_config.initializer_range)
     te_sd = {k: v.to(dtype).contiguous() for k, v in _text_encoder_to_hf_keys(te.state_dict()).items()}
     files["qwen_image_text_encoder"] = root / "Qwen/Qwen-Image/text_encoder/model.safetensors"
     vae = set_analytic_vae(TinyQwenImageVAE().eval())
