@@ -28,13 +28,12 @@ import copy
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from bench_dit_forward import make_inputs
-from harness import build_full_dit, build_tiny_dit
+from harness import build_full_dit, build_tiny_dit, timed
 
 KINDS = {  # the token linears of a block, grouped by what they do
     "img_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -139,21 +138,6 @@ def per_block_fp8(dit, captured: BlockInputs, dtype, every: int) -> tuple[list[d
     return rows, means
 
 
-def timed(fn, cuda: bool, repeats: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true")
@@ -208,11 +192,11 @@ def main(argv=None) -> int:
         captured.remove()
         out_b = workspace()
         rows.append(("(b) workspace default (tanh-GELU) bf16", *rel_err(out_b, ref), None, None))
-        speed = {"(b) bf16 eager": timed(workspace, cuda, repeats=5 if cuda else 1)}
+        speed = {"(b) bf16 eager": timed(workspace, device, 2, 5 if cuda else 1)[0]}
         if not args.skip_compile and cuda:
             compile_blocks(dit)
             rows.append(("(bc) as (b), compile_blocks", *rel_err(workspace(), ref), None, None))
-            speed["(bc) bf16 compiled"] = timed(workspace, cuda)
+            speed["(bc) bf16 compiled"] = timed(workspace, device, 2, 5)[0]
             uncompile_blocks(dit)  # the per-block copies must run their own (quantised) layers
         if cuda and not args.skip_fp8:
             block_rows, means = per_block_fp8(dit, captured, dtype, every)
@@ -225,7 +209,7 @@ def main(argv=None) -> int:
             if not args.skip_compile:
                 compile_blocks(dit)
             rows.append((f"(f8k) fp8 linears except {worst} (bf16), compiled", *rel_err(workspace(), ref), None, None))
-            speed[f"(f8k) fp8 except {worst}"] = timed(workspace, cuda)
+            speed[f"(f8k) fp8 except {worst}"] = timed(workspace, device, 2, 5)[0]
             uncompile_blocks(dit)
             for block in dit.transformer_blocks:
                 quantize_kinds(block, [worst])
@@ -233,7 +217,7 @@ def main(argv=None) -> int:
                 compile_blocks(dit)
             rows.append(("(f8) fp8 token linears (quantize_dit_fp8), compiled", *rel_err(workspace(), ref), None,
                          None))
-            speed["(f8) fp8 all"] = timed(workspace, cuda)
+            speed["(f8) fp8 all"] = timed(workspace, device, 2, 5)[0]
         results["speed_median_s"] = speed
 
     lines = ["| forward | rel L2 err vs fp32 | max abs err vs fp32 | rel L2 diff to (a) | max abs diff to (a) |",
