@@ -110,10 +110,11 @@ def edit_cases(dit, device, dtype, a) -> list[tuple]:
 
     from harness import build_full_pipeline, build_tiny_pipeline
 
+    from diffsynth_edit.block_swap import BlockSwapper
     from diffsynth_edit.editing.editor import Editor, EditRequest, EditSettings
     from diffsynth_edit.low_memory import place_encoders
 
-    swap(dit, 0, device)
+    BlockSwapper.attach(dit, 0, device)  # every block back on the card
     dit.to("cpu")  # phase 1 holds no DiT
     pipe = (build_tiny_pipeline(Path(tempfile.mkdtemp()), device, dtype) if a.tiny
             else build_full_pipeline(device, dtype))
@@ -126,18 +127,14 @@ def edit_cases(dit, device, dtype, a) -> list[tuple]:
     rows = []
     configs = [tuple(int(v) for v in c.split(":")) for c in a.edit_configs.split(",")]
     for k, (n_dit, n_te) in enumerate(configs):
-        te = pipe.text_encoder
-        if getattr(te, "_block_swapper", None) is not None:
-            te._block_swapper.detach()
-            del te._block_swapper
-        place_encoders(pipe, n_te, device)
+        place_encoders(pipe, n_te, device)  # replaces the text encoder's swapper of the previous pair
         editor = Editor(pipe, variant="2511")
         if k == 0:
-            s, peak, capped = _uncapped_then_capped(lambda: editor.prepare(request, settings), device)
+            _, peak, capped = _uncapped_then_capped(lambda: editor.prepare(request, settings), device)
             rows.append((f"(6) phase 1's work: `prepare` (text encoder with {n_te} of 28 layers swapped + VAE encode "
                          f"of 2 images), no DiT on the card; uncapped peak {peak:.2f} GiB", "24 GiB", *capped))
             dit.to(device)
-        swap(dit, n_dit, device)
+        BlockSwapper.attach(dit, n_dit, device)
         s, peak, capped = _uncapped_then_capped(lambda: editor.edit(request, settings), device)
         rows.append((f"(5) edit through the Editor: fp8 DiT + {n_dit} swapped blocks, text encoder with {n_te} of 28 "
                      f"layers swapped; {a.edit_steps} CFG steps + encode + decode, s per edit; uncapped: {s:.2f} s, "
@@ -185,16 +182,6 @@ def cap(device, gib):
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total))
 
 
-def swap(dit, n, device):
-    from diffsynth_edit.block_swap import BlockSwapper
-
-    old = getattr(dit, "_block_swapper", None)
-    if old is not None:
-        old.detach()
-        del dit._block_swapper
-    return BlockSwapper.attach(dit, n, device) if n else None
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
@@ -216,6 +203,7 @@ def main() -> int:
         a.swap_24 = a.swap_48 = 2
         a.edit_configs = "2:1,1:1"
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+    from diffsynth_edit.block_swap import BlockSwapper
     from diffsynth_edit.fp8_base import quantise_frozen_blocks
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
 
@@ -236,7 +224,7 @@ def main() -> int:
     def tier(label, spec, n_swap, gib, ref):
         cap(device, 1.0e9)  # lift the cap while blocks move
         t = time.perf_counter()
-        swap(dit, n_swap, device)
+        BlockSwapper.attach(dit, n_swap, device)
         setup = time.perf_counter() - t
         cap(device, gib)
         med, peak, losses = train_case(dit, batch, noised, device, a, *spec)

@@ -125,6 +125,23 @@ def test_swapped_forward_backward_equals_resident(fp8, k):
                            bridge_forward(ref, _inputs(), zero_cond_t=True)[0])
 
 
+def test_attaching_again_replaces_the_swapper():
+    """A second attach detaches the first (its hooks removed, its blocks back) before swapping anew, so hooks never
+    stack; n = 0 only detaches."""
+    dit = _tiny_dit()
+    ref = copy.deepcopy(dit)
+    BlockSwapper.attach(dit, 2, "cpu")
+    second = BlockSwapper.attach(dit, 1, "cpu")
+    assert dit._block_swapper is second and second.first == len(dit.transformer_blocks) - 1
+    assert [len(b._forward_pre_hooks) for b in dit.transformer_blocks] == [1] * len(dit.transformer_blocks)
+    with torch.no_grad():
+        assert torch.equal(bridge_forward(dit, _inputs(), zero_cond_t=True)[0],
+                           bridge_forward(ref, _inputs(), zero_cond_t=True)[0])
+    assert BlockSwapper.attach(dit, 0, "cpu") is None and not hasattr(dit, "_block_swapper")
+    assert [len(b._forward_pre_hooks) for b in dit.transformer_blocks] == [0] * len(dit.transformer_blocks)
+    assert all(p.numel() > 0 for p in dit.parameters())
+
+
 def test_swap_schedule_prefetches_one_ahead_and_frees_behind():
     """4 blocks, the last 3 swapped: forward loads i+1 on entering i and frees i on leaving (the last block stays
     for the backward); the recompute of block i loads i-1 and frees the blocks above i."""

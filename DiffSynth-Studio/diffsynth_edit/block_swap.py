@@ -70,9 +70,19 @@ class BlockSwapper:
             self.handles.append(block.register_forward_hook(self._make_post_hook(i)))
 
     @classmethod
-    def attach(cls, dit: torch.nn.Module, n: int, device: torch.device | str) -> "BlockSwapper":
-        swapper = cls(dit.transformer_blocks, n, device)
-        dit._block_swapper = swapper  # kept alive with the model
+    def attach(cls, owner: torch.nn.Module, n: int, device: torch.device | str,
+               blocks: torch.nn.ModuleList | None = None) -> "BlockSwapper | None":
+        """Swap the last `n` of `blocks` (default: `owner.transformer_blocks`), the swapper kept alive on
+        `owner._block_swapper`. A swapper already there is detached first (its blocks back on the device), so
+        attaching again replaces it instead of stacking hooks; `n = 0` only detaches (returns None)."""
+        old = getattr(owner, "_block_swapper", None)
+        if old is not None:
+            old.detach()
+            del owner._block_swapper
+        if not n:
+            return None
+        swapper = cls(owner.transformer_blocks if blocks is None else blocks, n, device)
+        owner._block_swapper = swapper
         return swapper
 
     # ---- moves ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def apply_low_memory(dit: torch.nn.Module, cfg, device: torch.device | str, pipe
             child.to(device)
     if pipe is not None:
         place_encoders(pipe, n_te, device)
-    swapper = BlockSwapper.attach(dit, n_swap, device) if n_swap else None
+    swapper = BlockSwapper.attach(dit, n_swap, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return swapper
@@ -94,8 +94,7 @@ def place_encoders(pipe, n_te: int, device: torch.device | str) -> None:
     if te is not None:
         layers = _text_encoder_layers(te)
         check_low_memory_flags(n_te, len(layers), flag="--text-encoder-blocks-to-swap")
-        if n_te:
-            te._block_swapper = BlockSwapper(layers, n_te, device)  # placeholders already on `device`
+        BlockSwapper.attach(te, n_te, device, blocks=layers)  # placeholders already on `device`
         te.to(device)
     elif n_te:
         raise ConfigError("--text-encoder-blocks-to-swap: this pipeline has no text encoder")
