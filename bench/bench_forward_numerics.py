@@ -11,8 +11,8 @@ Errors are relative L2 (‖y − y_ref‖ / ‖y_ref‖) and max abs of the DiT'
 activation. Rows:
   (a)  upstream `model_fn_qwen_image`, bf16 (upstream's sigmoid activation)
   (b0) workspace `bridge_forward`, plain, bf16, the same activation; (b0c) the same with upstream's complex RoPE
-       rotation instead of the workspace's real (cos, sin) one: its difference to (a) tests whether the rotation is
-       all that separates the two bf16 forwards
+       rotation forced: at b6057e7 (real (cos, sin) rotation in eager) this showed the rotation was all that
+       separated the two bf16 forwards; since 5c4a7a8 eager rotates that way anyway, so (b0) and (b0c) must agree
   (b)  workspace default (tanh-GELU), bf16; (bc) the same with `compile_blocks`
   (f8) fp8 token linears (`speedups.quantize_dit_fp8`, the editor's opt-in), compiled, and (f8k) with the kind of
        linear that carries most of fp8's error kept in bf16
