@@ -2,14 +2,18 @@
 """Which levers pay for the training step on the full-size 2511 DiT (random weights, 1024² target + one 1024²
 reference, 256 text tokens, bf16, batch 1), upstream's training module rerun in the same process:
 
-    python bench/bench_train_levers.py [--cases up,r32,r32c,r32c40,r32c20,def,defc,defc40]
+    python bench/bench_train_levers.py [--cases up,r32,r32c,r32c40,r32c20,def,defc,defc40,defclib,opt]
 
 Cases: `up` upstream (rank 32, 12 targets, AdamW, gradient checkpointing on every block); `r32` the workspace, same
 LoRA, plain mode; `c` = `compile_blocks` (regional torch.compile); `40`/`20` = `checkpoint_last_n` (only the last N
 of the 60 blocks recompute); `def` the shipped default (bridge + STE, 512² sub box, rank 512, 17 targets,
-ProdigyPlusScheduleFree, bf16 trainables). Per case: median s per optimizer step at accumulation 1 (2 warm-ups,
---repeats timed), the optimizer step's own share, peak memory, the first (compiling) step, and the time per sample at
-the presets' accumulation of 16 (forward/backward + optimizer step / 16). Writes $OUT/train_levers.md.
+ProdigyPlusScheduleFree batched over same-shape tensors, bf16 trainables); `lib` = the library's own per-tensor
+ProdigyPlusScheduleFree instead; `32` after `c` = fp32 trainables; `opt` = the default LoRA's optimizer step alone
+(random gradients, no forward), library against batched, and how far apart one step (stochastic rounding off) leaves
+the weights. Per case: median s per optimizer step at accumulation 1 (2 warm-ups, --repeats timed), the optimizer
+step's own share, peak memory, the first (compiling) step, and the time per sample at the presets' accumulation of 16
+(forward/backward + optimizer step / 16). `--profile r32c,defc` profiles one more step of those cases (GPU time by
+attention / matmul / other, top kernels). Writes $OUT/train_levers.md.
 """
 from __future__ import annotations
 
@@ -53,15 +57,59 @@ def upstream_case(dit, x: TrainInputs, a, device: str, dtype: torch.dtype) -> tu
     return row
 
 
+KERNEL_KINDS = (("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90", "sm100")))
+
+
+def profile_step(step, key: str) -> None:
+    """One more `step` under torch.profiler: GPU time by kind of kernel (attention, matmul, the rest) and the
+    top kernels, printed."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    kinds = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] += e.self_device_time_total / 1e6
+    total = sum(kinds.values())
+    if not total:
+        print(f"PROFILE {key} | no GPU kernels recorded", flush=True)
+        return
+    print(f"PROFILE {key} | GPU kernel time {total:.3f} s | " + " | ".join(
+        f"{k} {v:.3f} s ({v / total:.0%})" for k, v in kinds.items()), flush=True)
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"PROFILE {key} | {e.self_device_time_total / 1e3:9.1f} ms | {e.count:5d} x | {e.key[:110]}", flush=True)
+
+
+def library_prodigy(optim):
+    """The library's per-tensor ProdigyPlusScheduleFree with the arguments and parameters of the workspace's
+    batched `optim`."""
+    from prodigyplus import ProdigyPlusScheduleFree
+
+    g = optim.param_groups[0]
+    return ProdigyPlusScheduleFree([{"params": g["params"]}], lr=g["lr"], betas=g["betas"],
+                                   weight_decay=g["weight_decay"], d0=g["d0"], use_schedulefree=g["use_schedulefree"])
+
+
 def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, rank: int, targets, optimizer: str,
-                   compiled: bool, last_n: int | None) -> tuple | None:
-    """One workspace configuration (bf16 trainables): its report row, None when it ran out of memory."""
+                   compiled: bool, last_n: int | None, tdtype: torch.dtype = torch.bfloat16) -> tuple | None:
+    """One workspace configuration: its report row, None when it ran out of memory."""
     from diffsynth_edit.speedups import uncompile_blocks
     from diffsynth_edit.training.config import TrainConfig
 
+    library = optimizer == "prodigy-lib"
+    optimizer = "prodigy" if library else optimizer
     cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
                       checkpoint_last_n=last_n, learning_rate=1e-4 if optimizer == "adamw" else 1.0)
-    model, optim, params, ste = workspace_training(dit, cfg, targets, torch.bfloat16, device, compiled)
+    model, optim, params, ste = workspace_training(dit, cfg, targets, tdtype, device, compiled)
+    if library:
+        optimizer, optim = "prodigy (library, per tensor)", library_prodigy(optim)
+    elif optimizer == "prodigy":
+        optimizer = "prodigy (batched)"
     batch, noised = fixed_noised_batch(x, device)
     opt_times = []
 
@@ -77,10 +125,12 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         first = time.perf_counter() - t_first
         med, peak, ts = time_steps(step, device, a.warmup, a.repeats)
         opt_med = sorted(opt_times[-a.repeats:])[a.repeats // 2]
+        if key in a.profile.split(","):
+            profile_step(step, key)
         print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
-        label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}"
+        label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}, {str(tdtype)[6:]} trainables"
                  f"{', compiled blocks' if compiled else ''}"
                  f"{f', last {last_n} blocks recompute' if last_n else ', every block recomputes'}")
         row = (label, med, opt_med, peak, first, ts)
@@ -96,9 +146,69 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
     return row
 
 
+def optimizer_case(dit, a, device: str) -> list[tuple]:
+    """The default LoRA's optimizer step alone: library vs batched rows, and the weights' distance after one step."""
+    from diffsynth_edit.training.config import TrainConfig
+    from diffsynth_edit.variants import LORA_TARGETS_2511
+
+    cfg = TrainConfig(mode="bridge", lora_rank=512, optimizer="prodigy", learning_rate=1.0)
+    model, batched, params, ste = workspace_training(dit, cfg, LORA_TARGETS_2511, torch.bfloat16, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g, device=device, dtype=p.dtype) * 1e-3 for p in params]
+    start = [p.detach().clone() for p in params]
+    n = sum(p.numel() for p in params)
+
+    def fresh(make, stochastic: bool = True):
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        opt = make()
+        for group in opt.param_groups:
+            group["stochastic_rounding"] = stochastic
+        return opt
+
+    makers = {"library (per tensor)": lambda: library_prodigy(batched),
+              "workspace (batched)": lambda: type(batched)([{"params": params}], **{
+                  k: batched.param_groups[0][k] for k in ("lr", "betas", "weight_decay", "d0", "use_schedulefree")})}
+    rows, first = [], None
+    for name, make in makers.items():
+        opt = fresh(make)
+        times = []
+        for _ in range(a.warmup + a.repeats):
+            for p, gr in zip(params, grads):
+                p.grad = gr
+            timed_optimizer_step(opt, device, times)
+        ts = times[a.warmup:]
+        med = sorted(ts)[len(ts) // 2]
+        print(f"RESULT opt | {name} | {len(params)} tensors, {n / 1e9:.2f} G elements | {med:.3f} | "
+              f"{[round(t, 3) for t in ts]}", flush=True)
+        rows.append((f"opt: optimizer step alone, {name}, {len(params)} tensors ({n / 1e9:.2f} G elements)", med,
+                     med, torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+                     float("nan"), ts))
+        del opt
+        opt = fresh(make, stochastic=False)  # one step each from the same start: how far apart they land
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt.step()
+        del opt
+        if first is None:
+            first = [p.detach().clone() for p in params]
+        else:
+            diff = max((p.detach().float() - r.float()).abs().max().item() for p, r in zip(params, first))
+            moved = max((r.float() - s.float()).abs().max().item() for r, s in zip(first, start))
+            print(f"RESULT opt | one step, stochastic rounding off: max |batched - library| {diff:.3g}, "
+                  f"max |update| {moved:.3g}", flush=True)
+    for p in params:
+        p.grad = None
+    del model, batched, first
+    release_lora(dit, device)
+    return rows
+
+
 def main() -> int:
     p = bench_parser()
     p.add_argument("--cases", default="up,r32,r32c,r32c40,r32c20,def,defc,defc40")
+    p.add_argument("--profile", default="", help="comma-separated cases to profile one more step of")
     a = p.parse_args()
     device, dtype = device_and_dtype(a.tiny)
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
@@ -119,8 +229,13 @@ def main() -> int:
         "def": ("bridge", 512, LORA_TARGETS_2511, "prodigy", False, None),
         "defc": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None),
         "defc40": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, 40),
+        "defc32": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.float32),
+        "deflib": ("bridge", 512, LORA_TARGETS_2511, "prodigy-lib", False, None),
+        "defclib": ("bridge", 512, LORA_TARGETS_2511, "prodigy-lib", True, None),
     }
     set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's activation)
+    if "opt" in cases:
+        rows += optimizer_case(dit, a, device)
     for key in cases:
         if key in table:
             row = workspace_case(dit, x, a, device, key, *table[key])

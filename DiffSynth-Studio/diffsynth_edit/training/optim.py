@@ -1,5 +1,5 @@
-"""The optimizer and its learning-rate schedule: AdamW or ProdigyPlusScheduleFree, warm-up then constant / cosine /
-linear, counted in optimizer steps."""
+"""The optimizer and its learning-rate schedule: AdamW or ProdigyPlusScheduleFree (its step batched over tensors of one
+shape, `prodigy_batched.py`), warm-up then constant / cosine / linear, counted in optimizer steps."""
 from __future__ import annotations
 
 import math
@@ -12,11 +12,12 @@ from .config import TrainConfig
 
 def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter], schedule_free: bool = True):
     if cfg.optimizer == "prodigy":
-        from prodigyplus import ProdigyPlusScheduleFree
+        from .prodigy_batched import BatchedProdigyPlusScheduleFree
 
         # One parameter group: several groups crash under DeepSpeed ZeRO (notes/lbm_prodigy.md §4.2).
-        return ProdigyPlusScheduleFree([{"params": params}], lr=cfg.lr, betas=tuple(cfg.betas),
-                                       weight_decay=cfg.weight_decay, d0=cfg.d0, use_schedulefree=schedule_free)
+        return BatchedProdigyPlusScheduleFree([{"params": params}], lr=cfg.lr, betas=tuple(cfg.betas),
+                                              weight_decay=cfg.weight_decay, d0=cfg.d0,
+                                              use_schedulefree=schedule_free)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
