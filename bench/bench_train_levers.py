@@ -12,7 +12,9 @@ ProdigyPlusScheduleFree instead; `32` after `c` = fp32 trainables; `opt` = the d
 (random gradients, no forward), library against batched, and how far apart one step (stochastic rounding off) leaves
 the weights. Per case: median s per optimizer step at accumulation 1 (2 warm-ups, --repeats timed), the optimizer
 step's own share, peak memory, the first (compiling) step, and the time per sample at the presets' accumulation of 16
-(forward/backward + optimizer step / 16). `--profile r32c,defc` profiles one more step of those cases (GPU time by
+(forward/backward + optimizer step / 16). `b10` after `c` (05, 10, 20, 30, 50): no torch.utils.checkpoint; the
+compiled blocks' partitioner recomputes what it must to stay within 10 % of the activation memory it would save.
+`--profile r32c,defc` profiles one more step of those cases (GPU time by
 attention / matmul / other, top kernels). Writes $OUT/train_levers.md.
 """
 from __future__ import annotations
@@ -96,14 +98,18 @@ def library_prodigy(optim):
 
 
 def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, rank: int, targets, optimizer: str,
-                   compiled: bool, last_n: int | None, tdtype: torch.dtype = torch.bfloat16) -> tuple | None:
-    """One workspace configuration: its report row, None when it ran out of memory."""
+                   compiled: bool, last_n: int | None, tdtype: torch.dtype = torch.bfloat16,
+                   budget: float | None = None) -> tuple | None:
+    """One workspace configuration: its report row, None when it ran out of memory. `budget`: no
+    torch.utils.checkpoint; the compiled blocks' partitioner picks what to recompute under
+    `torch._functorch.config.activation_memory_budget` (1 = save what the backward reads, 0 = recompute all)."""
     from diffsynth_edit.speedups import uncompile_blocks
     from diffsynth_edit.training.config import TrainConfig
 
     library = optimizer == "prodigy-lib"
     optimizer = "prodigy" if library else optimizer
-    cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
+    torch._functorch.config.activation_memory_budget = 1.0 if budget is None else budget
+    cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=budget is None,
                       checkpoint_last_n=last_n, learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     model, optim, params, ste = workspace_training(dit, cfg, targets, tdtype, device, compiled)
     if library:
@@ -127,12 +133,14 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         opt_med = sorted(opt_times[-a.repeats:])[a.repeats // 2]
         if key in a.profile.split(","):
             profile_step(step, key)
-        print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} | "
+        print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} budget={budget} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
         label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}, {str(tdtype)[6:]} trainables"
                  f"{', compiled blocks' if compiled else ''}"
                  f"{f', last {last_n} blocks recompute' if last_n else ', every block recomputes'}")
+        if budget is not None:
+            label = label.replace("every block recomputes", f"partitioner memory budget {budget}")
         row = (label, med, opt_med, peak, first, ts)
     except torch.OutOfMemoryError:
         print(f"RESULT {key} | OOM", flush=True)
@@ -230,6 +238,10 @@ def main() -> int:
         "defc": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None),
         "defc40": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, 40),
         "defc32": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.float32),
+        **{f"r32cb{round(b * 100):02d}": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16, b)
+           for b in (0.05, 0.1, 0.2, 0.3, 0.5)},
+        **{f"defcb{round(b * 100):02d}": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, b)
+           for b in (0.05, 0.1, 0.2, 0.3)},
         "deflib": ("bridge", 512, LORA_TARGETS_2511, "prodigy-lib", False, None),
         "defclib": ("bridge", 512, LORA_TARGETS_2511, "prodigy-lib", True, None),
     }
