@@ -192,6 +192,7 @@ def main() -> int:
     p.add_argument("--edit-configs", default="12:24,24:24,36:26",
                    help="comma-separated DIT:TE swap pairs for the edits under 24 GiB (DiT blocks : text-encoder layers)")
     p.add_argument("--only-edit", action="store_true", help="skip the training cases (1)-(4)")
+    p.add_argument("--skip-edit", action="store_true", help="only the training cases (1)-(4)")
     p.add_argument("--edit-steps", type=int, default=3)
     p.add_argument("--skip-48", action="store_true")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny); --tiny --device cuda smoke-tests "
@@ -237,7 +238,8 @@ def main() -> int:
         if not a.skip_48:
             tier(f"(4) fp8 base + {a.swap_48} swapped blocks: as (2)", bridge, a.swap_48, 48, ref512)
     cap(device, 1.0e9)
-    rows += edit_cases(dit, device, dtype, a)
+    if not a.skip_edit:
+        rows += edit_cases(dit, device, dtype, a)
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     lines = [f"Card: {name}; torch {torch.__version__}; {size}² target + one {size}² reference, 256 text tokens, "

@@ -100,17 +100,16 @@ def library_prodigy(optim):
 def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, rank: int, targets, optimizer: str,
                    compiled: bool, last_n: int | None, tdtype: torch.dtype = torch.bfloat16,
                    budget: float | None = None) -> tuple | None:
-    """One workspace configuration: its report row, None when it ran out of memory. `budget`: no
-    torch.utils.checkpoint; the compiled blocks' partitioner picks what to recompute under
-    `torch._functorch.config.activation_memory_budget` (1 = save what the backward reads, 0 = recompute all)."""
+    """One workspace configuration: its report row, None when it ran out of memory. `budget`: the trainer's
+    `recompute_budget` (no block checkpointing; the compiled blocks' partitioner recomputes within the budget)."""
     from diffsynth_edit.speedups import uncompile_blocks
     from diffsynth_edit.training.config import TrainConfig
 
     library = optimizer == "prodigy-lib"
     optimizer = "prodigy" if library else optimizer
-    torch._functorch.config.activation_memory_budget = 1.0 if budget is None else budget
-    cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=budget is None,
-                      checkpoint_last_n=last_n, learning_rate=1e-4 if optimizer == "adamw" else 1.0)
+    cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
+                      checkpoint_last_n=last_n, recompute_budget=budget,
+                      learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     model, optim, params, ste = workspace_training(dit, cfg, targets, tdtype, device, compiled)
     if library:
         optimizer, optim = "prodigy (library, per tensor)", library_prodigy(optim)
@@ -133,7 +132,8 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         opt_med = sorted(opt_times[-a.repeats:])[a.repeats // 2]
         if key in a.profile.split(","):
             profile_step(step, key)
-        print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} budget={budget} | "
+        print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} "
+              f"budget={budget} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
         label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}, {str(tdtype)[6:]} trainables"

@@ -260,7 +260,7 @@ def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, comp
         ste = STE.for_dit(dit).to(device=device, dtype=tdtype)
         params += list(ste.parameters())
     if compiled:
-        compile_blocks(dit, ste)
+        compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget)
     model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)
     return model, build_optimizer(cfg, params), params, ste
 

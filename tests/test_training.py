@@ -194,6 +194,20 @@ def test_clipping_with_prodigy_refused():
         TrainConfig(optimizer="prodigy", grad_clip=1.0).validate()
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(recompute_budget=0.3), "--recompute-budget needs --compile-blocks"),
+    (dict(recompute_budget=1.5, compile_blocks=True), r"--recompute-budget must be in \[0, 1\], got 1.5"),
+    (dict(recompute_budget=0.3, compile_blocks=True, checkpoint_last_n=20), "drop --checkpoint-last-n"),
+])
+def test_recompute_budget_flags_refused(kw, message):
+    from diffsynth_edit.config import ConfigError
+    from diffsynth_edit.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw).validate()
+    TrainConfig(recompute_budget=0.3, compile_blocks=True).validate()
+
+
 def test_variant_flag_must_match_manifest(cache_dir, tiny_root, tmp_path):
     from diffsynth_edit.training.loop import Trainer
     from diffsynth_edit.variants import VariantMismatchError

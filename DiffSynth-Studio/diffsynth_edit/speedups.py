@@ -233,13 +233,17 @@ def quantize_dit_fp8(dit: torch.nn.Module) -> int:
 
 
 # ---- regional compile ------------------------------------------------------------------------------------------
-def compile_blocks(dit: torch.nn.Module, ste: torch.nn.Module | None = None) -> None:
+def compile_blocks(dit: torch.nn.Module, ste: torch.nn.Module | None = None,
+                   recompute_budget: float | None = None) -> None:
     """torch.compile each DiT transformer block (and each STE block) in place: regional compilation, one graph
     shared by all 60 blocks (the blocks' weights are graph inputs), so the first step compiles once (~25 s for the
     full model on an H200) instead of once per block. Inductor fuses the modulation, norms, RoPE, gates and LoRA
     glue around the GEMMs and attention. A new sequence length (prompt or sub box) recompiles once, after which the
     graph is dynamic in it. Works under gradient checkpointing (the recompute replays the compiled block).
-    `uncompile_blocks` undoes it."""
+    `recompute_budget` (training without block checkpointing): the fraction of its activations each compiled
+    block's forward/backward partition keeps (torch._functorch.config.activation_memory_budget, process-wide, read
+    when a graph compiles; None = 1, keep what the backward reads). `uncompile_blocks` undoes the compile."""
+    torch._functorch.config.activation_memory_budget = 1.0 if recompute_budget is None else float(recompute_budget)
     for block in dit.transformer_blocks:
         block.compile()
     if ste is not None:

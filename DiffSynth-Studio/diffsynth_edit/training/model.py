@@ -56,7 +56,8 @@ class EditTrainModel(nn.Module):
         # No global autocast: it would run the frozen DiT's LayerNorms in fp32. peft casts activations to the fp32
         # LoRA weights itself (TF32 matmuls) and casts the result back; the STE autocasts its own small encoder.
         main, sub = bridge_forward(self.dit, inputs, ste=self.ste, zero_cond_t=self.zero_cond_t,
-                                   use_gradient_checkpointing=self.cfg.gradient_checkpointing,
+                                   use_gradient_checkpointing=(self.cfg.gradient_checkpointing and
+                                                               self.cfg.recompute_budget is None),
                                    checkpoint_last_n=self.cfg.checkpoint_last_n)
         main_l = per_sample_mse(main, noised.target)
         sub_l = per_sample_mse(sub, noised.sub_target) if bridge else None
@@ -145,5 +146,5 @@ def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.devic
         if zero3:
             raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
                                 "hooks run inside the blocks); use DDP or ZeRO-2, or compile_blocks = false")
-        compile_blocks(dit, ste)
+        compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget)
     return pipe, EditTrainModel(dit, ste, cfg, zero_cond_t, vae=pipe.vae), params
