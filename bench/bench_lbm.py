@@ -5,7 +5,8 @@
     python bench/bench_lbm.py --tiny   # CPU smoke test
 
 (1) one LBM optimizer step (batch 1, gradient checkpointing): bridge mode + STE, 17 targets, rank 512,
-    ProdigyPlusScheduleFree; trainables fp32, or bf16 if fp32 does not fit the card (reported).
+    ProdigyPlusScheduleFree; trainables fp32, or bf16 if fp32 does not fit the card (reported); `--train-dtype`,
+    `--train-compile` (compile_blocks) and `--only-train` pick another row alone.
 (2) end-to-end edits through the workspace editor, `Editor.edit` = prompt encoding (positive only: LBM runs at
     cfg 1) + VAE encode + DiT steps + VAE decode of main and sub streams, bridge mode with STE, steps 1 and 4;
     eager, then with every DiT block torch.compile'd (compile time excluded: 2 warm-up edits).
@@ -26,6 +27,7 @@ from harness import (bench_parser, build_full_dit, build_full_pipeline, build_ti
 
 def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) -> list[tuple]:
     """(1): one LBM optimizer step with fp32 trainables, or bf16 when fp32 runs out of memory."""
+    from diffsynth_edit.speedups import uncompile_blocks
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.losses import make_lbm_inputs
     from diffsynth_edit.variants import LORA_TARGETS_2511
@@ -41,9 +43,10 @@ def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) 
              "subyx": torch.tensor([[t0, t0 + box // 16, t0, t0 + box // 16]], device=device)}
     rank = 8 if a.tiny else 512
     rows = []
-    for tdtype in (torch.float32, torch.bfloat16):
+    dtypes = {"auto": (torch.float32, torch.bfloat16), "fp32": (torch.float32,), "bf16": (torch.bfloat16,)}
+    for tdtype in dtypes[a.train_dtype]:
         cfg = TrainConfig(objective="lbm", mode="bridge", lora_rank=rank, optimizer="prodigy")
-        model, optim, params, ste = workspace_training(dit, cfg, LORA_TARGETS_2511, tdtype, device)
+        model, optim, params, ste = workspace_training(dit, cfg, LORA_TARGETS_2511, tdtype, device, a.train_compile)
         gens = [torch.Generator().manual_seed(1)]
 
         def step():
@@ -53,7 +56,8 @@ def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) 
             optim.step()
             optim.zero_grad(set_to_none=True)
 
-        label = f"LBM training step: bridge + STE, rank {rank}, 17 targets, Prodigy, {str(tdtype)[6:]} trainables"
+        label = (f"LBM training step: bridge + STE, rank {rank}, 17 targets, Prodigy (batched), {str(tdtype)[6:]} "
+                 f"trainables{', compiled blocks' if a.train_compile else ''}")
         try:
             med, peak, _ = time_steps(step, device, 2, a.repeats)
             rows.append((label, f"{med:.3f} s", f"{peak:.1f}"))
@@ -61,7 +65,11 @@ def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) 
         except torch.OutOfMemoryError:
             rows.append((label, "out of memory", "—"))
             done = False
-        del optim, model, params, ste
+        del optim, model, params
+        if a.train_compile:
+            uncompile_blocks(dit, ste)
+            torch._dynamo.reset()
+        del ste
         release_lora(dit, device)
         if done:
             break
@@ -121,6 +129,10 @@ def main() -> int:
     p = bench_parser(warmup=None)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--only-train", action="store_true", help="only (1)")
+    p.add_argument("--train-dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="(1)'s trainables: auto = fp32, or bf16 when fp32 runs out of memory")
+    p.add_argument("--train-compile", action="store_true", help="(1) with compile_blocks")
     p.add_argument("--profile-prepare", action="store_true",
                    help="op table of one eager prepare, prepare with/without the VAE side stream")
     p.add_argument("--ste-all-rows", action="store_true",
@@ -133,6 +145,9 @@ def main() -> int:
     name = device_name(device)
     dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
     rows = [] if a.skip_train else training_rows(dit, a, device, dtype, size, box)
+    if a.only_train:
+        write_report(f"Card: {name}\n\n" + "\n".join(f"| {' | '.join(r)} |" for r in rows), "lbm.md")
+        return 0
 
     # ---- end-to-end edits --------------------------------------------------------------------------------------
     from diffsynth_edit.editing.request import EditRequest, EditSettings
