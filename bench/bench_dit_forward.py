@@ -18,7 +18,8 @@ prompt for CFG has 200 tokens. Timed (each under torch.no_grad, CUDA-synchronise
       calls per step like (d′); (d′) the same with batch_cfg off
   (e) an upstream-style 40-step CFG loop: 80 sequential `model_fn_qwen_image` calls with the Qwen-Image scheduler
   (f) as (d) in bridge mode (sub box + STE)
-  (g) with --fast-loop (CUDA): (d) after the editor's opt-in `speed_up(compile_blocks=True)`; (g′) + fp8 linears
+  (g) with --fast-loop (CUDA): (d) after the editor's opt-in `speed_up(compile_blocks=True)`; (g′) + fp8 linears;
+      (g″) + fast fp8 accumulation
 (d)–(f) are timed once each (after one warm-up step), as they take tens of seconds. Peak memory is
 torch.cuda.max_memory_allocated per section (weights included). The markdown table is printed and, when the
 environment variable OUT is set, written to $OUT/dit_forward.md (plus dit_forward.json).
@@ -292,8 +293,14 @@ def loop_cases(dit, ste, inp, args, timer: Timer, add, device: str, dtype: torch
 
 def fast_loop_cases(editor, prep, inp, settings, timer: Timer, add, args) -> None:
     """(g) (d) with the editor's opt-in `speed_up(compile_blocks=True)`, (g′) + fp8 linears (in place: run last)."""
-    for label, fp8 in (("(g) as (d), speed_up(compile_blocks)", False), ("(g′) as (d), compile + fp8 linears", True)):
+    from diffsynth_edit.speedups import set_fp8_fast_accum
+
+    for label, fp8, fast in (("(g) as (d), speed_up(compile_blocks)", False, False),
+                             ("(g′) as (d), compile + fp8 linears", True, False),
+                             ("(g″) as (g′), fast fp8 accumulation", True, True)):
         editor.speed_up(compile_blocks=True, fp8=fp8)
+        if fast:
+            set_fp8_fast_accum(editor.pipe.dit, True)
         t0 = time.perf_counter()
         for _ in range(2):  # both prompt lengths compile (the second makes the graph dynamic in the length)
             editor.predict(prep, inp.x.float(), None, 1000.0, args.cfg)

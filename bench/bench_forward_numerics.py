@@ -14,8 +14,8 @@ activation. Rows:
        rotation forced: at b6057e7 (real (cos, sin) rotation in eager) this showed the rotation was all that
        separated the two bf16 forwards; since 5c4a7a8 eager rotates that way anyway, so (b0) and (b0c) must agree
   (b)  workspace default (tanh-GELU), bf16; (bc) the same with `compile_blocks`
-  (f8) fp8 token linears (`speedups.quantize_dit_fp8`, the editor's opt-in), compiled, and (f8k) with the kind of
-       linear that carries most of fp8's error kept in bf16
+  (f8) fp8 token linears (`speedups.quantize_dit_fp8`, the editor's opt-in), compiled, (f8k) with the kind of
+       linear that carries most of fp8's error kept in bf16, and (f8f) (f8) with Hopper's fast fp8 accumulation
 Per block (fp8 only): each block fed the reference's own input, in bf16 and with fp8 linears (all, or one kind at
 a time), error of its image-stream update ‖y − y_ref‖ / ‖y_ref − x‖ — which block and which linears lose the most.
 Writes $OUT/forward_numerics.md (and .json) when OUT is set.
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.bridge_dit import DiTInputs, bridge_forward
-    from diffsynth_edit.speedups import compile_blocks, uncompile_blocks
+    from diffsynth_edit.speedups import compile_blocks, set_fp8_fast_accum, uncompile_blocks
 
     cuda = not args.tiny
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.bfloat16)
@@ -218,6 +218,9 @@ def main(argv=None) -> int:
             rows.append(("(f8) fp8 token linears (quantize_dit_fp8), compiled", *rel_err(workspace(), ref), None,
                          None))
             speed["(f8) fp8 all"] = timed(workspace, device, 2, 5)[0]
+            set_fp8_fast_accum(dit, True)  # the guarded flag recompiles the blocks on the next call
+            rows.append(("(f8f) as (f8), fast fp8 accumulation", *rel_err(workspace(), ref), None, None))
+            speed["(f8f) fp8 all, fast accumulation"] = timed(workspace, device, 2, 5)[0]
         results["speed_median_s"] = speed
 
     lines = ["| forward | rel L2 err vs fp32 | max abs err vs fp32 | rel L2 diff to (a) | max abs diff to (a) |",

@@ -156,3 +156,22 @@ def test_fp8_linear_is_close_and_keeps_hot_loaded_lora():
     lin.lora_forward = types.MethodType(LoRAHotLoadMixin.lora_forward, lin)
     delta = (x @ lin.lora_A_weights[0].T @ lin.lora_B_weights[0].T).float()
     torch.testing.assert_close(lin(x).float() - out, delta, rtol=0.02, atol=0.05)
+
+
+def test_fp8_fast_accumulation_reaches_the_matmul(monkeypatch):
+    """The fast-accumulation switch is what `_scaled_mm` receives (the kernel itself needs Hopper: the call is
+    recorded here, and the GPU bench measures its speed and error)."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
+    for lin in block:
+        speedups.quantize_linear_fp8(lin)
+    seen = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kw: seen.append(kw["use_fast_accum"]) or
+                        torch.zeros(a.shape[0], b.shape[1]))
+    x = torch.randn(5, 32)
+    block[0](x)
+    assert seen == [False]
+    assert speedups.set_fp8_fast_accum(block, True) == 2
+    block[0](x), block[1](torch.randn(5, 16))
+    assert seen == [False, True, True]
+    assert speedups.set_fp8_fast_accum(torch.nn.Linear(4, 4), True) == 0  # a plain linear is left alone

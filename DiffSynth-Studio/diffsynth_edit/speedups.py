@@ -203,31 +203,43 @@ def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _fp8_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     shape = x.shape
     xq, scale_x = _rowwise_fp8(x.reshape(-1, shape[-1]))  # per token
-    out = torch._scaled_mm(xq, self.fp8_weight.t(), scale_a=scale_x, scale_b=self.fp8_scale,
-                           bias=self.bias, out_dtype=x.dtype).reshape(*shape[:-1], -1)
+    out = torch._scaled_mm(xq, self.fp8_weight.t(), scale_a=scale_x, scale_b=self.fp8_scale, bias=self.bias,
+                           out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum).reshape(*shape[:-1], -1)
     if getattr(self, "lora_A_weights", None):
         out = self.lora_forward(x, out)
     return out
 
 
-def quantize_linear_fp8(linear: torch.nn.Linear) -> None:
-    """In place: fp8 weight + per-row scale buffers; the bf16 weight is released."""
+def quantize_linear_fp8(linear: torch.nn.Linear, fast_accum: bool = False) -> None:
+    """In place: fp8 weight + per-row scale buffers; the bf16 weight is released. `fast_accum`: Hopper's fast fp8
+    accumulation (`_scaled_mm(use_fast_accum=True)`: partial sums not promoted to fp32 as often; faster, less
+    exact)."""
     w = linear.weight.detach()
     wq, scale = _rowwise_fp8(w)  # per output channel
     linear.register_buffer("fp8_weight", wq, persistent=False)
     linear.register_buffer("fp8_scale", scale.t().contiguous(), persistent=False)  # [1, out]
     linear.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+    linear.fp8_fast_accum = bool(fast_accum)
     linear.forward = types.MethodType(_fp8_forward, linear)
 
 
-def quantize_dit_fp8(dit: torch.nn.Module) -> int:
+def set_fp8_fast_accum(dit: torch.nn.Module, on: bool) -> int:
+    """Switch fast fp8 accumulation on or off in every fp8 linear of `dit` (compiled blocks recompile on the next
+    call: the flag is guarded). Returns how many linears."""
+    linears = [m for m in dit.modules() if getattr(m, "fp8_fast_accum", None) is not None]
+    for m in linears:
+        m.fp8_fast_accum = bool(on)
+    return len(linears)
+
+
+def quantize_dit_fp8(dit: torch.nn.Module, fast_accum: bool = False) -> int:
     """fp8 for the blocks' token linears (attention projections and MLPs; not modulation, not in/out layers)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise RuntimeError("fp8 inference needs a CUDA GPU with fp8 tensor cores (Ada or Hopper)")
     count = 0
     for name, module in dit.transformer_blocks.named_modules():
         if isinstance(module, torch.nn.Linear) and "_mod" not in name and not hasattr(module, "fp8_weight"):
-            quantize_linear_fp8(module)
+            quantize_linear_fp8(module, fast_accum)
             count += 1
     return count
 
