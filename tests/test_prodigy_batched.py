@@ -152,3 +152,25 @@ def test_state_moves_between_the_library_and_the_batched_optimizer():
         resumed.append((ps, o))
     assert_same_run(*resumed, rtol=2e-5)
     assert resumed[1][1].param_groups[0]["k"] == 7
+
+
+def test_a_strided_parameter_is_stacked_and_written_back_through_its_strides():
+    """A transposed (non-contiguous) parameter and its z state: the stack reads them in logical order (as the
+    library's ravel() does for p0 and the sliced sums) and `_foreach_copy_` writes back through the strides."""
+    def params_with_a_transpose():
+        ps = make_params(torch.float32)
+        ps[5] = torch.nn.Parameter(ps[5].detach().t())  # (40, 40) transposed: strided
+        assert not ps[5].is_contiguous()
+        return ps
+
+    runs = []
+    for cls in (ProdigyPlusScheduleFree, BatchedProdigyPlusScheduleFree):
+        ps = params_with_a_transpose()
+        opt = cls([{"params": ps}], d0=1e-4)
+        for step in range(4):
+            set_grads(ps, step)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs.append((ps, opt))
+    assert not runs[1][0][5].is_contiguous()
+    assert_same_run(*runs, rtol=2e-5)
