@@ -87,14 +87,15 @@ def profile_step(step, key: str) -> None:
         print(f"PROFILE {key} | {e.self_device_time_total / 1e3:9.1f} ms | {e.count:5d} x | {e.key[:110]}", flush=True)
 
 
-def library_prodigy(optim):
-    """The library's per-tensor ProdigyPlusScheduleFree with the arguments and parameters of the workspace's
-    batched `optim`."""
+def prodigy_like(optim, cls=None):
+    """A fresh `cls` optimizer (default: the library's per-tensor ProdigyPlusScheduleFree) with the arguments and
+    parameters of the workspace's batched `optim`."""
     from prodigyplus import ProdigyPlusScheduleFree
 
     g = optim.param_groups[0]
-    return ProdigyPlusScheduleFree([{"params": g["params"]}], lr=g["lr"], betas=g["betas"],
-                                   weight_decay=g["weight_decay"], d0=g["d0"], use_schedulefree=g["use_schedulefree"])
+    return (cls or ProdigyPlusScheduleFree)([{"params": g["params"]}], lr=g["lr"], betas=g["betas"],
+                                            weight_decay=g["weight_decay"], d0=g["d0"],
+                                            use_schedulefree=g["use_schedulefree"])
 
 
 def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, rank: int, targets, optimizer: str,
@@ -112,7 +113,7 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
                       learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     model, optim, params, ste = workspace_training(dit, cfg, targets, tdtype, device, compiled)
     if library:
-        optimizer, optim = "prodigy (library, per tensor)", library_prodigy(optim)
+        optimizer, optim = "prodigy (library, per tensor)", prodigy_like(optim)
     elif optimizer == "prodigy":
         optimizer = "prodigy (batched)"
     batch, noised = fixed_noised_batch(x, device)
@@ -136,11 +137,10 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
               f"budget={budget} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
+        recompute = (f"partitioner memory budget {budget}" if budget is not None else
+                     f"last {last_n} blocks recompute" if last_n else "every block recomputes")
         label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}, {str(tdtype)[6:]} trainables"
-                 f"{', compiled blocks' if compiled else ''}"
-                 f"{f', last {last_n} blocks recompute' if last_n else ', every block recomputes'}")
-        if budget is not None:
-            label = label.replace("every block recomputes", f"partitioner memory budget {budget}")
+                 f"{', compiled blocks' if compiled else ''}, {recompute}")
         row = (label, med, opt_med, peak, first, ts)
     except torch.OutOfMemoryError:
         print(f"RESULT {key} | OOM", flush=True)
@@ -175,9 +175,8 @@ def optimizer_case(dit, a, device: str) -> list[tuple]:
             group["stochastic_rounding"] = stochastic
         return opt
 
-    makers = {"library (per tensor)": lambda: library_prodigy(batched),
-              "workspace (batched)": lambda: type(batched)([{"params": params}], **{
-                  k: batched.param_groups[0][k] for k in ("lr", "betas", "weight_decay", "d0", "use_schedulefree")})}
+    makers = {"library (per tensor)": lambda: prodigy_like(batched),
+              "workspace (batched)": lambda: prodigy_like(batched, type(batched))}
     rows, first = [], None
     for name, make in makers.items():
         opt = fresh(make)
