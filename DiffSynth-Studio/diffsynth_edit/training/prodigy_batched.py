@@ -99,7 +99,7 @@ class BatchedProdigyPlusScheduleFree(ProdigyPlusScheduleFree):
             update.mul_(rms.rsqrt().view(-1, *([1] * len(shape))))
         self._update_prodigy(ps, states, group)
         self.update_params(y, z, update, group, dlr)
-        del update
+        del grad, update  # one tensor (update_ works in place on grad): freed before the copies
         self._copy_into(as_slices, y, group["stochastic_rounding"])
         self._copy_into(z_slices, z, group["stochastic_rounding"])
 
