@@ -2,7 +2,7 @@
 """Which levers pay for the training step on the full-size 2511 DiT (random weights, 1024² target + one 1024²
 reference, 256 text tokens, bf16, batch 1), upstream's training module rerun in the same process:
 
-    python bench/bench_train_levers.py [--cases up,r32,r32c,r32c40,r32c20,def,defc,defc40,defclib,opt]
+    python bench/bench_train_levers.py [--cases up,r32,r32c,r32c40,r32c20,def,defc,defc40,defclib,opt,f8err,r32cf8]
 
 Cases: `up` upstream (rank 32, 12 targets, AdamW, gradient checkpointing on every block); `r32` the workspace, same
 LoRA, plain mode; `c` = `compile_blocks` (regional torch.compile); `40`/`20` = `checkpoint_last_n` (only the last N
@@ -14,6 +14,9 @@ the weights. Per case: median s per optimizer step at accumulation 1 (2 warm-ups
 step's own share, peak memory, the first (compiling) step, and the time per sample at the presets' accumulation of 16
 (forward/backward + optimizer step / 16). `b10` after `c` (05, 10, 20, 30, 50): no torch.utils.checkpoint; the
 compiled blocks' partitioner recomputes what it must to stay within 10 % of the activation memory it would save.
+`f8` at the end = `fp8_matmuls` (the frozen block linears' GEMMs in fp8, forward and input gradient); `f8err` = how
+far one r32 step's LoRA gradients move from the bf16 eager ones with compile, with fp8 matmuls, and with both. fp8
+converts the DiT's linears for good, so the fp8 cases run after all others, whatever the order given.
 `--profile r32c,defc` profiles one more step of those cases (GPU time by
 attention / matmul / other, top kernels). Writes $OUT/train_levers.md.
 """
@@ -100,16 +103,17 @@ def prodigy_like(optim, cls=None):
 
 def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, rank: int, targets, optimizer: str,
                    compiled: bool, last_n: int | None, tdtype: torch.dtype = torch.bfloat16,
-                   budget: float | None = None) -> tuple | None:
+                   budget: float | None = None, fp8: bool = False) -> tuple | None:
     """One workspace configuration: its report row, None when it ran out of memory. `budget`: the trainer's
-    `recompute_budget` (no block checkpointing; the compiled blocks' partitioner recomputes within the budget)."""
+    `recompute_budget` (no block checkpointing; the compiled blocks' partitioner recomputes within the budget);
+    `fp8`: the trainer's `fp8_matmuls`."""
     from diffsynth_edit.speedups import uncompile_blocks
     from diffsynth_edit.training.config import TrainConfig
 
     library = optimizer == "prodigy-lib"
     optimizer = "prodigy" if library else optimizer
     cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
-                      checkpoint_last_n=last_n, recompute_budget=budget,
+                      checkpoint_last_n=last_n, recompute_budget=budget, fp8_matmuls=fp8,
                       learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     model, optim, params, ste = workspace_training(dit, cfg, targets, tdtype, device, compiled)
     if library:
@@ -140,7 +144,7 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         recompute = (f"partitioner memory budget {budget}" if budget is not None else
                      f"last {last_n} blocks recompute" if last_n else "every block recomputes")
         label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}, {str(tdtype)[6:]} trainables"
-                 f"{', compiled blocks' if compiled else ''}, {recompute}")
+                 f"{', compiled blocks' if compiled else ''}, {recompute}{', fp8 matmuls' if fp8 else ''}")
         row = (label, med, opt_med, peak, first, ts)
     except torch.OutOfMemoryError:
         print(f"RESULT {key} | OOM", flush=True)
@@ -212,6 +216,54 @@ def optimizer_case(dit, a, device: str) -> list[tuple]:
     return rows
 
 
+def fp8_gradient_case(dit, x: TrainInputs, device: str) -> list[str]:
+    """One r32 step's LoRA gradients (B drawn at random so that A has gradient too, the same draw each time) with
+    bf16 eager (the reference), compiled, fp8 matmuls, fp8 compiled: report lines. Leaves the linears in fp8."""
+    from diffsynth_edit.fp8_base import fp8_matmul_blocks
+    from diffsynth_edit.speedups import compile_blocks, uncompile_blocks
+    from diffsynth_edit.training.config import TrainConfig
+    from diffsynth_edit.training.lora import inject_lora
+    from diffsynth_edit.training.model import EditTrainModel
+    from diffsynth_edit.variants import LORA_TARGETS_UPSTREAM
+
+    cfg = TrainConfig(mode="plain", lora_rank=32, optimizer="adamw", gradient_checkpointing=True)
+    params = inject_lora(dit, 32, 32.0, LORA_TARGETS_UPSTREAM, torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) * 1e-3)
+    model = EditTrainModel(dit, None, cfg, zero_cond_t=True)
+    batch, noised = fixed_noised_batch(x, device)
+
+    def grads(compiled: bool) -> tuple[float, torch.Tensor]:
+        if compiled:
+            compile_blocks(dit)
+        loss, _, _ = model(batch, noised)
+        gs = torch.autograd.grad(loss, params, allow_unused=True)  # the last block's text-stream outputs go unused
+        if compiled:
+            uncompile_blocks(dit)
+            torch._dynamo.reset()
+        return float(loss.detach()), torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
+                                       for p, g in zip(params, gs)])
+
+    runs = {"bf16 eager (reference)": grads(False), "bf16 compiled": grads(True)}
+    n = fp8_matmul_blocks(dit)
+    runs |= {"fp8 matmuls, eager": grads(False), "fp8 matmuls, compiled": grads(True)}
+    ref_loss, ref = runs["bf16 eager (reference)"]
+    lines = [f"LoRA gradients of one r32 step ({ref.numel()} elements, LoRA B drawn ~ N(0, 1e-3)); {n} block linears "
+             "in fp8", "", "| run | loss | rel L2 diff of the LoRA gradient to bf16 eager | cosine |",
+             "| --- | ---: | ---: | ---: |"]
+    for label, (loss, g) in runs.items():
+        rel = float((g - ref).norm() / ref.norm())
+        cos = float(torch.nn.functional.cosine_similarity(g, ref, dim=0))
+        lines.append(f"| {label} | {loss:.6f} | {rel:.4f} | {cos:.5f} |")
+        print(f"RESULT f8err | {label} | loss {loss:.6f} | rel {rel:.4f} | cos {cos:.5f}", flush=True)
+    del model, params
+    release_lora(dit, device)
+    return lines
+
+
 def main() -> int:
     p = bench_parser()
     p.add_argument("--cases", default="up,r32,r32c,r32c40,r32c20,def,defc,defc40")
@@ -243,12 +295,22 @@ def main() -> int:
            for b in (0.05, 0.1, 0.2, 0.3)},
         "deflib": ("bridge", 512, LORA_TARGETS_2511, "prodigy-lib", False, None),
         "defclib": ("bridge", 512, LORA_TARGETS_2511, "prodigy-lib", True, None),
+        "r32cf8": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16, None, True),
+        **{f"r32cb{round(b * 100):02d}f8": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16,
+                                            b, True) for b in (0.1, 0.3, 0.5)},
+        "defcf8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, None, True),
+        "defcb30f8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, 0.3, True),
     }
+    # fp8 converts the DiT's linears for good: the bf16 cases first, then the gradient comparison, then fp8 timings
+    cases.sort(key=lambda k: 2 if k.endswith("f8") else 1 if k == "f8err" else 0)
     set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's activation)
     if "opt" in cases:
         rows += optimizer_case(dit, a, device)
+    f8_lines = []
     for key in cases:
-        if key in table:
+        if key == "f8err":
+            f8_lines = ["", *fp8_gradient_case(dit, x, device)]
+        elif key in table:
             row = workspace_case(dit, x, a, device, key, *table[key])
             rows += [row] if row is not None else []
     lines = [f"Card: {device_name(device)}; torch {torch.__version__}; {x.size}² target + one {x.size}² reference, "
@@ -259,7 +321,7 @@ def main() -> int:
         per_sample = med - opt + opt / 16 if opt == opt else float("nan")
         lines.append(f"| {label} | {med:.3f} | {opt:.3f} | {per_sample:.3f} | {peak:.1f} | {first:.1f} | "
                      f"{', '.join(f'{t:.3f}' for t in ts)} |")
-    write_report("\n".join(lines), "train_levers.md")
+    write_report("\n".join(lines + f8_lines), "train_levers.md")
     return 0
 
 

@@ -246,8 +246,9 @@ def upstream_training(dit, device: str, dtype: torch.dtype, x: TrainInputs):
 
 def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, compiled: bool = False):
     """The workspace trainer's model on `dit` for `cfg` (LoRA of cfg.lora_rank on `targets` in `tdtype`, the STE in
-    bridge mode, compiled blocks when `compiled`) and its optimizer: (model, optimizer, trainable parameters, STE or
-    None)."""
+    bridge mode, fp8 matmuls when cfg.fp8_matmuls — irreversible: the block linears stay fp8 —, compiled blocks when
+    `compiled`) and its optimizer: (model, optimizer, trainable parameters, STE or None)."""
+    from diffsynth_edit.fp8_base import fp8_matmul_blocks
     from diffsynth_edit.speedups import compile_blocks
     from diffsynth_edit.ste import STE
     from diffsynth_edit.training.lora import inject_lora
@@ -259,6 +260,8 @@ def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, comp
     if cfg.mode == "bridge":
         ste = STE.for_dit(dit).to(device=device, dtype=tdtype)
         params += list(ste.parameters())
+    if cfg.fp8_matmuls:
+        fp8_matmul_blocks(dit)  # the layers an earlier case converted are skipped
     if compiled:
         compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget)
     model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)

@@ -10,6 +10,12 @@ Training needs gradients through the frozen layers: `Fp8LinearFunction`'s backwa
 grad_input = grad_out @ W_dequantised and no weight gradient, and saves only the fp8 weight (not the input). The
 module stays an `nn.Linear` (peft's `base_layer` under a LoRA wrapper, or a plain layer), so peft's LoRA branch, the
 checkpoint keys of the LoRA and the LoRA's own dtype (bf16/fp32 trainables) are unchanged.
+
+`fp8_matmuls` (a speed lever, not a memory one) goes further for the blocks' token linears: both GEMMs of a frozen
+layer run on the fp8 tensor cores (`Fp8MatmulFunction`). The forward quantises the input per token and multiplies by
+W quantised per output channel; the backward quantises grad_out per token and multiplies by W quantised per input
+channel (a second fp8 copy: the two copies take the bytes of one bf16 weight). Each product is then exact up to the
+e4m3 rounding of its two operands (3 mantissa bits each) and fp32 accumulation.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .speedups import _rowwise_fp8
+from .speedups import FP8_MAX, _rowwise_fp8
 
 
 def dequantise(weight_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,6 +78,7 @@ def frozen_linears(root: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     out = []
     for name, module in root.named_modules():
         if (isinstance(module, torch.nn.Linear) and not hasattr(module, "fp8_weight")
+                and not hasattr(module, "fp8_fwd_operand")
                 and not module.weight.requires_grad and ".lora_" not in f".{name}"):
             out.append((name, module))
     return out
@@ -83,4 +90,74 @@ def quantise_frozen_blocks(dit: torch.nn.Module, device: torch.device | str | No
     layers = frozen_linears(dit.transformer_blocks)
     for _, layer in layers:
         to_fp8_linear(layer, device)
+    return len(layers)
+
+
+# ---- fp8 matmuls (training speed) -------------------------------------------------------------------------------
+def rowwise_fp8_any_scale(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_rowwise_fp8` for rows of any magnitude (gradients can be far below 1e-12): (e4m3 [rows, cols], fp32 scale
+    [rows, 1]); an all-zero row gets scale 1."""
+    amax = t.abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def _fp8_matmul(a: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a[..., K] @ (b_fp8[K, N] * b_scale[1, N]) (+ bias), `a` quantised per row, in a's dtype. `b_fp8` is stored
+    column-major (a transposed view): `_scaled_mm` needs that layout, and a stored view keeps it through
+    torch.compile's forward/backward split (a `.t()` taken inside the graph may be materialised row-major)."""
+    shape = a.shape
+    aq, a_scale = rowwise_fp8_any_scale(a.reshape(-1, shape[-1]).contiguous())  # _scaled_mm: a row-major
+    out = torch._scaled_mm(aq, b_fp8, scale_a=a_scale, scale_b=b_scale,
+                           bias=None if bias is None else bias.to(a.dtype), out_dtype=a.dtype)
+    return out.reshape(*shape[:-1], -1)
+
+
+class Fp8MatmulFunction(torch.autograd.Function):
+    """y = x @ W^T + b, forward and input gradient on fp8 tensor cores; no weight or bias gradient (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fwd_operand: torch.Tensor, fwd_scale: torch.Tensor, bwd_operand: torch.Tensor,
+                bwd_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(bwd_operand, bwd_scale)  # not x: there is no weight gradient
+        return _fp8_matmul(x, fwd_operand, fwd_scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        bwd_operand, bwd_scale = ctx.saved_tensors
+        grad_x = _fp8_matmul(grad_out, bwd_operand, bwd_scale) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
+
+
+def _fp8_matmul_linear_forward(self: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return Fp8MatmulFunction.apply(x, self.fp8_fwd_operand, self.fp8_fwd_scale, self.fp8_bwd_operand,
+                                   self.fp8_bwd_scale, self.bias)
+
+
+def to_fp8_matmul_linear(linear: torch.nn.Linear) -> None:
+    """In place: `linear` (frozen, W [out, in]) computes both its GEMMs in fp8. Buffers, each a column-major view:
+    `fp8_fwd_operand` = W^T [in, out] quantised per output channel (`fp8_fwd_scale` [1, out]) for the forward,
+    `fp8_bwd_operand` = W [out, in] quantised per input channel (`fp8_bwd_scale` [1, in]) for the input gradient.
+    The original weight is released (an empty placeholder of its dtype stays)."""
+    if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
+        raise ValueError("fp8 matmuls are for frozen linears only; this one has trainable weights")
+    w = linear.weight.detach()
+    wq, scale = _rowwise_fp8(w)  # rows = output channels
+    wtq, scale_t = _rowwise_fp8(w.t().contiguous())  # rows = input channels (contiguous: elementwise ops keep strides)
+    linear.register_buffer("fp8_fwd_operand", wq.t(), persistent=False)
+    linear.register_buffer("fp8_fwd_scale", scale.t().contiguous(), persistent=False)
+    linear.register_buffer("fp8_bwd_operand", wtq.t(), persistent=False)
+    linear.register_buffer("fp8_bwd_scale", scale_t.t().contiguous(), persistent=False)
+    linear.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+    linear.forward = types.MethodType(_fp8_matmul_linear_forward, linear)
+
+
+def fp8_matmul_blocks(dit: torch.nn.Module) -> int:
+    """fp8 matmuls for the transformer blocks' frozen token linears (attention projections and MLPs, peft's base
+    layers included); the modulation linears (one row per sample: nothing to gain), the LoRA and the in/out layers
+    stay as they are. Returns how many layers."""
+    layers = [(n, m) for n, m in frozen_linears(dit.transformer_blocks) if "_mod" not in n]
+    for _, layer in layers:
+        to_fp8_matmul_linear(layer)
     return len(layers)

@@ -55,6 +55,11 @@ class TrainConfig:
                 "to recompute first (torch's partitioner memory budget). 0.3 on an H200, r32: 1.09 s/step at "
                 "55.9 GiB vs 1.24 s at 43.6 GiB (bench/RESULTS.md)"})
     trainable_dtype: Literal["fp32", "bf16"] = "fp32"
+    fp8_matmuls: bool = field(default=False, metadata={
+        "help": "compute the frozen DiT blocks' token linears (attention projections, MLPs) in fp8 on the tensor "
+                "cores, forward and input gradient (e4m3, per-token and per-channel scales; Ada/Hopper). Faster, "
+                "and approximate: each product rounds both operands to 3 mantissa bits (bench/RESULTS.md gives the "
+                "measured speed and gradient error). One process, no DeepSpeed"})
     # low-memory tier (docs/training.md "Training on 24-48 GB cards")
     fp8_base: bool = field(default=False, metadata={
         "help": "store the frozen DiT blocks' linear weights in fp8 (e4m3, per-row scales; computed in bf16): "
@@ -143,6 +148,10 @@ class TrainConfig:
         if self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("--lora-targets is empty")
         self._validate_low_memory()
+        if self.fp8_matmuls and (self.fp8_base or self.blocks_to_swap):
+            raise ConfigError("--fp8-matmuls (a speed lever: fp8 GEMMs) does not combine with the low-memory tier "
+                              "(--fp8-base / --blocks-to-swap); --fp8-matmuls already stores the block linears in "
+                              "fp8, as two copies (the bytes of bf16)")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 

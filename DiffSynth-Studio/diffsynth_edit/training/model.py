@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..activation import checkpoint_activation
 from ..bridge_dit import DiTInputs, bridge_forward
 from ..checkpoint import read_checkpoint
+from ..fp8_base import fp8_matmul_blocks
 from ..loading import ModelSources, load_pipeline
 from ..low_memory import apply_low_memory, low_memory_enabled
 from ..speedups import compile_blocks
@@ -101,6 +102,18 @@ class PixelLoss(nn.Module):
         return (img - ref).abs().mean()
 
 
+def check_fp8_matmuls(device: torch.device, zero3: bool) -> None:
+    """--fp8-matmuls needs fp8 tensor cores (on CUDA) and the whole DiT in one process (DDP would broadcast the fp8
+    buffers; ZeRO-3 partitions the weights it would quantise)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise TrainingError(f"--fp8-matmuls needs a GPU with fp8 tensor cores (Ada or Hopper); "
+                            f"{torch.cuda.get_device_name(device)} has none")
+    if zero3 or (torch.distributed.is_available() and torch.distributed.is_initialized() and
+                 torch.distributed.get_world_size() > 1):
+        raise TrainingError("--fp8-matmuls is a single-process mode (DDP would broadcast the fp8 weight buffers, "
+                            "ZeRO-3 partitions the weights); run one process or turn it off")
+
+
 def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.device, zero3: bool, zero_cond_t: bool,
                     say: Callable[[str], None]) -> tuple[object, EditTrainModel, list[nn.Parameter]]:
     """(the pipeline with the frozen DiT and, when validation or the pixel loss needs it, the VAE; the model; its
@@ -142,6 +155,9 @@ def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.devic
         say(f"[train] warm start from {cfg.init_from}: {info}")
     if lowmem:
         apply_low_memory(dit, cfg, device, pipe=pipe)
+    if cfg.fp8_matmuls:
+        check_fp8_matmuls(device, zero3)
+        say(f"[train] fp8 matmuls: {fp8_matmul_blocks(dit)} frozen block linears compute in fp8")
     if cfg.compile_blocks:
         if zero3:
             raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
