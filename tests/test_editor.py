@@ -404,3 +404,15 @@ def test_cuda_side_stream_vae_gives_the_same_edit(tiny_sources):
         torch.testing.assert_close(latents, plain, rtol=1e-6, atol=1e-6)
     want = cpu.edit(_request(), settings).latents
     torch.testing.assert_close(plain, want, rtol=2e-2, atol=2e-2)
+
+
+def test_speed_up_compiles_each_block_and_resets_a_training_budget(tiny_sources, monkeypatch):
+    """`speed_up(compile_blocks=True)` compiles through `speedups.compile_blocks`: every DiT block, and the
+    partitioner's memory budget a training run may have set in this process goes back to 1 (keep what is needed)."""
+    from diffsynth_edit.loading import load_pipeline
+
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 0.3)
+    ed = Editor(load_pipeline(tiny_sources, torch_dtype=torch.float32), variant="2511")
+    ed.speed_up(compile_blocks=True)
+    assert ed.compiled and all(b._compiled_call_impl is not None for b in ed.pipe.dit.transformer_blocks)
+    assert torch._functorch.config.activation_memory_budget == 1.0

@@ -30,6 +30,7 @@ from ..limits import MAX_ASPECT
 from ..loading import ModelSources, load_pipeline
 from ..lora_stack import LoRALayer, LoRAStack
 from ..prompts import edit_prompt
+from ..speedups import compile_blocks as compile_dit_blocks
 from ..speedups import quantize_dit_fp8
 from ..ste import STE
 from ..variants import get_variant
@@ -260,9 +261,7 @@ class Editor:
             quantize_dit_fp8(self.pipe.dit)
             self.fp8 = True
         if compile_blocks and not self.compiled:
-            for block in self.pipe.dit.transformer_blocks:
-                block.compile()
-            self._compile_ste()
+            compile_dit_blocks(self.pipe.dit, self.ste)  # also resets a training run's recompute budget in-process
             self.compiled = True
 
     def _compile_ste(self) -> None:
