@@ -255,6 +255,7 @@ def fp8_gradient_case(dit, x: TrainInputs, device: str) -> list[str]:
              "in fp8", "", "| run | loss | rel L2 diff of the LoRA gradient to bf16 eager | cosine |",
              "| --- | ---: | ---: | ---: |"]
     for label, (loss, g) in runs.items():
+        g, ref = g.double(), ref.double()
         rel = float((g - ref).norm() / ref.norm())
         cos = float(torch.nn.functional.cosine_similarity(g, ref, dim=0))
         lines.append(f"| {label} | {loss:.6f} | {rel:.4f} | {cos:.5f} |")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 13 still waits for, in groups that each fit one 10-minute device call (H200, full-size
+# models with random weights). Run from the repository root on the GPU machine:
+#
+#   bash bench/pending.sh GROUP [FLAGS]   # GROUP: train-fp8 | default | edit | lowmem | numerics
+#
+# FLAGS go to every bench of the group (`--tiny --repeats 1` is the CPU smoke test of a group).
+# Each command has its own time limit, so one slow bench cannot eat the next one's output; every bench prints its
+# RESULT lines as it goes and writes its table to $OUT. When diffsynth is not importable, it and its pinned
+# dependencies are installed from .whl/*.whl (carry that folder to the GPU machine).
+set -uo pipefail
+case "${1:-}" in
+  train-fp8|default|edit|lowmem|numerics) ;;
+  *) echo "usage: bash bench/pending.sh train-fp8|default|edit|lowmem|numerics" >&2; exit 2 ;;
+esac
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GROUP=$1; shift
+if ! python3 -c "import diffsynth" 2> /dev/null && compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$ROOT"/.whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$ROOT/DiffSynth-Studio"
+else
+  export PYTHONPATH="$ROOT/DiffSynth-Studio"
+fi
+export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/bench_out}"
+mkdir -p "$OUT"
+cd "$ROOT/bench"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+
+run() {  # run SECONDS CMD...: the command under a time limit, its exit status reported
+  local limit=$1; shift
+  echo "== $* (limit ${limit}s)"
+  timeout "$limit" "$@" "${FLAGS[@]}"
+  echo "== exit $?"
+}
+
+FLAGS=("$@")
+case "$GROUP" in
+  train-fp8)  # target 1: fp8 matmuls on the r32 step (bf16 budget row and upstream as baselines), gradient error
+    run 580 python3 bench_train_levers.py --cases up,r32cb30,f8err,r32cf8,r32cb30f8,r32cb50f8 --profile r32cb30f8 ;;
+  default)  # target 2: the shipped default with fp32 trainables, with fp8 matmuls; the LBM step
+    run 400 python3 bench_train_levers.py --cases defc,defc32,defcf8
+    run 180 python3 bench_lbm.py --only-train --train-dtype bf16 --train-compile ;;
+  edit)  # target 3: 40-step edits, compiled + fp8 with and without fast accumulation; upstream in the same call
+    run 580 python3 bench_dit_forward.py --fast-loop --skip-bridge-loop --skip-sequential-cfg ;;
+  lowmem)  # the low-memory Prodigy rows and the eager default after the batched optimizer
+    run 330 python3 bench_lowmem.py --skip-edit
+    run 240 python3 bench_train_levers.py --cases def ;;
+  numerics)  # target 4: fp8 fast accumulation's error per block and end to end (row f8f)
+    run 580 python3 bench_forward_numerics.py ;;
+esac
