@@ -154,3 +154,24 @@ def test_fp8_matmuls_refuse_zero3():
     with pytest.raises(TrainingError, match="--fp8-matmuls is a single-process mode"):
         check_fp8_matmuls(torch.device("cpu"), zero3=True)
     check_fp8_matmuls(torch.device("cpu"), zero3=False)  # CPU, one process: allowed
+
+
+def test_bf16_layer_as_on_the_gpu():
+    """The GPU path's dtypes: bf16 weights, input, bias and output. The output is the fp32 product of the rounded
+    operands plus the bias, rounded once to bf16 (2^-8 relative); the input gradient likewise."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16).requires_grad_(False)
+    bias = lin.bias.detach().double()
+    to_fp8_matmul_linear(lin)
+    x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = lin(x)
+    assert y.dtype == torch.bfloat16
+    aq, a_scale = rowwise_fp8_any_scale(x.detach())
+    ref = _deq(aq, a_scale) @ _deq(lin.fp8_fwd_operand, lin.fp8_fwd_scale) + bias
+    assert bool(((y.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all())
+    g = torch.randn(5, 32, dtype=torch.bfloat16)
+    y.backward(g)
+    assert x.grad.dtype == torch.bfloat16
+    gq, g_scale = rowwise_fp8_any_scale(g)
+    ref_gx = _deq(gq, g_scale) @ _deq(lin.fp8_bwd_operand, lin.fp8_bwd_scale)
+    assert bool(((x.grad.double() - ref_gx).abs() <= 2 ** -8 * ref_gx.abs() + 1e-6).all())
