@@ -122,9 +122,12 @@ def test_lora_gradients_through_fp8_blocks_err_no_more_than_fp8_storage():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, True])
-def test_trainer_with_fp8_matmuls_tracks_the_plain_run(cache_dir, tiny_root, tmp_path, compiled):  # noqa: F811
-    kw = dict(mode="bridge", max_steps=3, gradient_checkpointing=True, compile_blocks=compiled)
+@pytest.mark.parametrize("compiled, budget", [(False, None), (True, None), (True, 0.3)])
+def test_trainer_with_fp8_matmuls_tracks_the_plain_run(cache_dir, tiny_root, tmp_path, compiled,  # noqa: F811
+                                                       budget):
+    """Eager, compiled with block checkpointing, and compiled with the partitioner's recompute budget."""
+    kw = dict(mode="bridge", max_steps=3, gradient_checkpointing=True, compile_blocks=compiled,
+              recompute_budget=budget)
     run(make_cfg(cache_dir, tiny_root, tmp_path / "plain", **kw))
     trainer, _ = run(make_cfg(cache_dir, tiny_root, tmp_path / "fp8", fp8_matmuls=True, **kw))
     dit = trainer.unwrapped().dit
