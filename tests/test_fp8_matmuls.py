@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from diffsynth_edit.config import ConfigError
-from diffsynth_edit.fp8_base import fp8_matmul_blocks, quantise_frozen_blocks, rowwise_fp8_any_scale, to_fp8_matmul_linear
-from test_lowmem import _inputs, _tiny_dit, _with_lora
+from diffsynth_edit.fp8_base import fp8_matmul_blocks, quantise_frozen_blocks, to_fp8_matmul_linear
+from diffsynth_edit.speedups import rowwise_fp8
+from test_lowmem import _loss_and_grads, _tiny_dit, _with_lora
 from test_training import cache_dir, make_cfg, run  # noqa: F401  (module fixture reused)
 
 F32_ACC = 2e-6  # fp32 accumulation: relative to the sum of |terms| (K ≤ 64 terms here)
@@ -23,7 +24,7 @@ def _deq(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _assert_product(out: torch.Tensor, a_rows: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor) -> None:
     """out == rowwise-e4m3(a) @ (b_fp8 [K, N] * b_scale [1, N]) exactly, up to fp32 accumulation of the terms."""
-    aq, a_scale = rowwise_fp8_any_scale(a_rows)
+    aq, a_scale = rowwise_fp8(a_rows)
     a_deq, b_deq = _deq(aq, a_scale), _deq(b_fp8, b_scale)
     ref = a_deq @ b_deq
     bound = F32_ACC * (a_deq.abs() @ b_deq.abs()) + 1e-30
@@ -63,8 +64,8 @@ def test_fp8_matmul_linear_is_the_product_of_the_rounded_operands():
 
 
 def test_gradient_rows_of_any_size_are_quantised():
-    """An all-zero gradient row stays zero and a row at 1e-25 keeps its relative accuracy (the weights' quantiser
-    clamps scales at 1e-12, which would flush it)."""
+    """An all-zero gradient row stays zero and a row at 1e-25 keeps its relative accuracy (a floor of 1e-12 on the
+    row maximum, as the quantiser once had, would flush it)."""
     torch.manual_seed(1)
     lin = torch.nn.Linear(32, 16).requires_grad_(False)
     to_fp8_matmul_linear(lin)
@@ -82,13 +83,6 @@ def test_gradient_rows_of_any_size_are_quantised():
 def test_fp8_matmul_refuses_a_trainable_linear():
     with pytest.raises(ValueError, match="frozen linears only"):
         to_fp8_matmul_linear(torch.nn.Linear(16, 16))
-
-
-def _lora_grads(dit, params):
-    main, _ = __import__("diffsynth_edit.bridge_dit", fromlist=["bridge_forward"]).bridge_forward(
-        dit, _inputs(torch.float32), zero_cond_t=True)
-    loss = (main ** 2).mean()
-    return loss.detach(), torch.autograd.grad(loss, params)
 
 
 def _rel(grads, ref_grads) -> float:
@@ -113,9 +107,9 @@ def test_lora_gradients_through_fp8_blocks_err_no_more_than_fp8_storage():
     assert not any("_mod" in name or "lora_" in name for name in converted)
     assert "0.attn.to_q.base_layer" in converted  # peft's base layer under the LoRA on to_q
     lora = lambda m: [p for name, p in m.named_parameters() if "lora_" in name]  # noqa: E731
-    loss, grads = _lora_grads(dit, lora(dit))
-    ref_loss, ref_grads = _lora_grads(ref, lora(ref))
-    _, stored_grads = _lora_grads(stored, lora(stored))
+    loss, grads = _loss_and_grads(dit, lora(dit), dtype=torch.float32)
+    ref_loss, ref_grads = _loss_and_grads(ref, lora(ref), dtype=torch.float32)
+    _, stored_grads = _loss_and_grads(stored, lora(stored), dtype=torch.float32)
     assert abs(loss - ref_loss) <= 0.05 * abs(ref_loss)
     assert 0 < _rel(grads, ref_grads) <= _rel(stored_grads, ref_grads)
     assert all(not p.requires_grad for name, p in dit.named_parameters() if "lora_" not in name)
@@ -169,12 +163,12 @@ def test_bf16_layer_as_on_the_gpu():
     x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
     y = lin(x)
     assert y.dtype == torch.bfloat16
-    aq, a_scale = rowwise_fp8_any_scale(x.detach())
+    aq, a_scale = rowwise_fp8(x.detach())
     ref = _deq(aq, a_scale) @ _deq(lin.fp8_fwd_operand, lin.fp8_fwd_scale) + bias
     assert bool(((y.double() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all())
     g = torch.randn(5, 32, dtype=torch.bfloat16)
     y.backward(g)
     assert x.grad.dtype == torch.bfloat16
-    gq, g_scale = rowwise_fp8_any_scale(g)
+    gq, g_scale = rowwise_fp8(g)
     ref_gx = _deq(gq, g_scale) @ _deq(lin.fp8_bwd_operand, lin.fp8_bwd_scale)
     assert bool(((x.grad.double() - ref_gx).abs() <= 2 ** -8 * ref_gx.abs() + 1e-6).all())

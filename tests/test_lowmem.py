@@ -43,8 +43,8 @@ def _with_lora(dit, seed=2):
     return params
 
 
-def _loss_and_grads(dit, params, checkpointing=False):
-    main, _ = bridge_forward(dit, _inputs(), zero_cond_t=True, use_gradient_checkpointing=checkpointing)
+def _loss_and_grads(dit, params, checkpointing=False, dtype=torch.float64):
+    main, _ = bridge_forward(dit, _inputs(dtype), zero_cond_t=True, use_gradient_checkpointing=checkpointing)
     loss = (main ** 2).mean()
     grads = torch.autograd.grad(loss, params)
     return loss.detach(), grads

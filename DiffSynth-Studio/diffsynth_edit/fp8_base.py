@@ -1,7 +1,7 @@
 """fp8 storage of the frozen DiT's linear weights, for training (and editing) on small cards.
 
 Each frozen `nn.Linear` in the transformer blocks keeps its weight as float8 e4m3 with one fp32 scale per output
-channel (`speedups._rowwise_fp8`, the quantisation of the inference fp8 mode) and computes in the activations' dtype:
+channel (`speedups.rowwise_fp8`, the quantisation of the inference fp8 mode) and computes in the activations' dtype:
 the weight is dequantised right before its matmul and dropped after it. Half the bytes of bf16 for the 20 B frozen
 parameters; the activations are never quantised, so the only approximation is the weight rounding (e4m3: relative
 error ≤ 2^-4 per weight).
@@ -24,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .speedups import FP8_MAX, _rowwise_fp8
+from .speedups import fp8_matmul, rowwise_fp8
 
 
 def dequantise(weight_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -61,7 +61,7 @@ def to_fp8_linear(linear: torch.nn.Linear, device: torch.device | str | None = N
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("fp8 storage is for frozen linears only; this one has trainable weights")
     w = linear.weight.detach().to(device or linear.weight.device)
-    wq, scale = _rowwise_fp8(w)
+    wq, scale = rowwise_fp8(w)
     linear.register_buffer("fp8_weight", wq, persistent=False)
     linear.register_buffer("fp8_scale", scale, persistent=False)
     # An empty weight of the original dtype: dtype queries (the trainer's `frozen_dtype`) keep working and any code
@@ -94,26 +94,6 @@ def quantise_frozen_blocks(dit: torch.nn.Module, device: torch.device | str | No
 
 
 # ---- fp8 matmuls (training speed) -------------------------------------------------------------------------------
-def rowwise_fp8_any_scale(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_rowwise_fp8` for rows of any magnitude (gradients can be far below 1e-12): (e4m3 [rows, cols], fp32 scale
-    [rows, 1]); an all-zero row gets scale 1."""
-    amax = t.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale
-
-
-def _fp8_matmul(a: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a[..., K] @ (b_fp8[K, N] * b_scale[1, N]) (+ bias), `a` quantised per row, in a's dtype. `b_fp8` is stored
-    column-major (a transposed view): `_scaled_mm` needs that layout, and a stored view keeps it through
-    torch.compile's forward/backward split (a `.t()` taken inside the graph may be materialised row-major)."""
-    shape = a.shape
-    aq, a_scale = rowwise_fp8_any_scale(a.reshape(-1, shape[-1]).contiguous())  # _scaled_mm: a row-major
-    out = torch._scaled_mm(aq, b_fp8, scale_a=a_scale, scale_b=b_scale,
-                           bias=None if bias is None else bias.to(a.dtype), out_dtype=a.dtype)
-    return out.reshape(*shape[:-1], -1)
-
-
 class Fp8MatmulFunction(torch.autograd.Function):
     """y = x @ W^T + b, forward and input gradient on fp8 tensor cores; no weight or bias gradient (frozen)."""
 
@@ -121,12 +101,12 @@ class Fp8MatmulFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, fwd_operand: torch.Tensor, fwd_scale: torch.Tensor, bwd_operand: torch.Tensor,
                 bwd_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(bwd_operand, bwd_scale)  # not x: there is no weight gradient
-        return _fp8_matmul(x, fwd_operand, fwd_scale, bias)
+        return fp8_matmul(x, fwd_operand, fwd_scale, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         bwd_operand, bwd_scale = ctx.saved_tensors
-        grad_x = _fp8_matmul(grad_out, bwd_operand, bwd_scale) if ctx.needs_input_grad[0] else None
+        grad_x = fp8_matmul(grad_out, bwd_operand, bwd_scale) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, None, None
 
 
@@ -136,15 +116,17 @@ def _fp8_matmul_linear_forward(self: torch.nn.Linear, x: torch.Tensor, *args, **
 
 
 def to_fp8_matmul_linear(linear: torch.nn.Linear) -> None:
-    """In place: `linear` (frozen, W [out, in]) computes both its GEMMs in fp8. Buffers, each a column-major view:
+    """In place: `linear` (frozen, W [out, in]) computes both its GEMMs in fp8. Buffers, each a column-major view
+    (`_scaled_mm`'s layout, stored so: a `.t()` taken inside a compiled graph may be materialised row-major in the
+    backward):
     `fp8_fwd_operand` = W^T [in, out] quantised per output channel (`fp8_fwd_scale` [1, out]) for the forward,
     `fp8_bwd_operand` = W [out, in] quantised per input channel (`fp8_bwd_scale` [1, in]) for the input gradient.
     The original weight is released (an empty placeholder of its dtype stays)."""
     if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
         raise ValueError("fp8 matmuls are for frozen linears only; this one has trainable weights")
     w = linear.weight.detach()
-    wq, scale = _rowwise_fp8(w)  # rows = output channels
-    wtq, scale_t = _rowwise_fp8(w.t().contiguous())  # rows = input channels (contiguous: elementwise ops keep strides)
+    wq, scale = rowwise_fp8(w)  # rows = output channels
+    wtq, scale_t = rowwise_fp8(w.t().contiguous())  # rows = input channels (contiguous: elementwise ops keep strides)
     linear.register_buffer("fp8_fwd_operand", wq.t(), persistent=False)
     linear.register_buffer("fp8_fwd_scale", scale.t().contiguous(), persistent=False)
     linear.register_buffer("fp8_bwd_operand", wtq.t(), persistent=False)

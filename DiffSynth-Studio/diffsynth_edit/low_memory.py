@@ -51,6 +51,12 @@ def _text_encoder_layers(text_encoder: torch.nn.Module) -> torch.nn.ModuleList:
     return text_encoder.model.language_model.layers
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several (torch.distributed initialised with world size > 1)."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def apply_low_memory(dit: torch.nn.Module, cfg, device: torch.device | str, pipe=None) -> BlockSwapper | None:
     """fp8 storage for the frozen block linears (when `cfg.fp8_base`) and host-resident last `cfg.blocks_to_swap`
     blocks, the whole DiT on `device` otherwise. `pipe` (loaded on the host with the DiT): its VAE and text encoder
@@ -66,8 +72,7 @@ def apply_low_memory(dit: torch.nn.Module, cfg, device: torch.device | str, pipe
     if n_swap and (getattr(cfg, "compile", False) or getattr(cfg, "compile_blocks", False)):
         raise ConfigError("--blocks-to-swap does not combine with --compile (the swap runs in the blocks' forward "
                           "hooks); turn one off")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1:
+    if several_processes():
         raise ConfigError("--fp8-base / --blocks-to-swap are single-process modes (DDP would broadcast the fp8 "
                           "buffers every step and the swapped placeholders differ per rank); run one process")
     device = torch.device(device)

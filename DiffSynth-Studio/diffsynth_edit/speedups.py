@@ -194,17 +194,32 @@ def uncompile_vae(vae: torch.nn.Module) -> None:
 
 
 # ---- fp8 linears ----------------------------------------------------------------------------------------------
-def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 tensor, fp32 scale [rows, 1]) with each row's largest magnitude mapped to the fp8 maximum."""
-    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+# The smallest row maximum given its own scale: below it the scale would leave float32's normal range (the scale of an
+# all-zero row is this floor too; its quantised values are 0 either way).
+_AMAX_FLOOR = FP8_MAX * torch.finfo(torch.float32).tiny
+
+
+def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 tensor, fp32 scale [rows, 1]) with each row's largest magnitude mapped to the fp8 maximum. Rows of any
+    magnitude keep their relative precision (gradient rows can be far below 1e-12)."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=_AMAX_FLOOR) / FP8_MAX
     return (t.float() / scale).to(torch.float8_e4m3fn), scale
 
 
+def fp8_matmul(a: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               fast_accum: bool = False) -> torch.Tensor:
+    """a[..., K] @ (b_fp8[K, N] * b_scale[1, N]) (+ bias) in a's dtype, `a` quantised per row (per token) on the fly.
+    `b_fp8` must be column-major (`_scaled_mm`'s layout: a `.t()` of a row-major [N, K] weight)."""
+    shape = a.shape
+    aq, a_scale = rowwise_fp8(a.reshape(-1, shape[-1]).contiguous())  # _scaled_mm: `a` row-major
+    out = torch._scaled_mm(aq, b_fp8, scale_a=a_scale, scale_b=b_scale,
+                           bias=None if bias is None else bias.to(a.dtype), out_dtype=a.dtype,
+                           use_fast_accum=fast_accum)
+    return out.reshape(*shape[:-1], -1)
+
+
 def _fp8_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    shape = x.shape
-    xq, scale_x = _rowwise_fp8(x.reshape(-1, shape[-1]))  # per token
-    out = torch._scaled_mm(xq, self.fp8_weight.t(), scale_a=scale_x, scale_b=self.fp8_scale, bias=self.bias,
-                           out_dtype=x.dtype, use_fast_accum=self.fp8_fast_accum).reshape(*shape[:-1], -1)
+    out = fp8_matmul(x, self.fp8_weight.t(), self.fp8_scale, self.bias, self.fp8_fast_accum)
     if getattr(self, "lora_A_weights", None):
         out = self.lora_forward(x, out)
     return out
@@ -215,7 +230,7 @@ def quantize_linear_fp8(linear: torch.nn.Linear, fast_accum: bool = False) -> No
     accumulation (`_scaled_mm(use_fast_accum=True)`: partial sums not promoted to fp32 as often; faster, less
     exact)."""
     w = linear.weight.detach()
-    wq, scale = _rowwise_fp8(w)  # per output channel
+    wq, scale = rowwise_fp8(w)  # per output channel
     linear.register_buffer("fp8_weight", wq, persistent=False)
     linear.register_buffer("fp8_scale", scale.t().contiguous(), persistent=False)  # [1, out]
     linear.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)

@@ -12,7 +12,7 @@ from ..bridge_dit import DiTInputs, bridge_forward
 from ..checkpoint import read_checkpoint
 from ..fp8_base import fp8_matmul_blocks
 from ..loading import ModelSources, load_pipeline
-from ..low_memory import apply_low_memory, low_memory_enabled
+from ..low_memory import apply_low_memory, low_memory_enabled, several_processes
 from ..speedups import compile_blocks
 from ..ste import STE
 from ..variants import ModelVariant
@@ -108,8 +108,7 @@ def check_fp8_matmuls(device: torch.device, zero3: bool) -> None:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise TrainingError(f"--fp8-matmuls needs a GPU with fp8 tensor cores (Ada or Hopper); "
                             f"{torch.cuda.get_device_name(device)} has none")
-    if zero3 or (torch.distributed.is_available() and torch.distributed.is_initialized() and
-                 torch.distributed.get_world_size() > 1):
+    if zero3 or several_processes():
         raise TrainingError("--fp8-matmuls is a single-process mode (DDP would broadcast the fp8 weight buffers, "
                             "ZeRO-3 partitions the weights); run one process or turn it off")
 
