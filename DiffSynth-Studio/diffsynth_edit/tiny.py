@@ -38,9 +38,7 @@ objects background then explain how user's text instruction should alter or modi
 requirements while maintaining consistency with original where appropriate by detailing quantity spatial relationships
 and Picture is to Make make change Change add Add remove Remove replace Replace recolour recolor square circle
 triangle object red green blue yellow purple orange cyan white black colour into in on from it Fill fill box""".split()
-VOCAB_SIZE = 768
-SPACE = "\u0120"  # byte-level BPE's symbol for the space byte ("Ġ")
-TEMPLATE_PIECES = (SPACE + "(", "),", "'s")  # one token each in Qwen's vocabulary
+VOCAB_SIZE = 640
 # The text encoder's token embeddings are drawn at this std (transformers draws them at initializer_range = 0.02, the
 # size of the random layers' residual updates, so each output row came out a mix of its own token and an average over
 # the prompt and the image: the colour word of "Fill the white box with <colour>." was no longer readable). At unit
@@ -149,15 +147,13 @@ def build_tokenizer():
     vocab = {ch: i for i, ch in enumerate(byte_symbols)}
     vocab.update(TOKEN_IDS)
     merges: list[tuple[str, str]] = []
-    # Letters-only words: their byte symbols are the characters themselves. Each word gets the merges that join the
-    # pieces the earlier merges leave it in, left to right, so every word ends as one token (prefix merges alone do
-    # not: "re" from "requirements" would leave "green" as g·re·e·n). A merge added later ranks after every merge an
-    # earlier word uses, so it never changes that word's tokens. Then each word's space-prefixed form ("Ġword", one
-    # merge more) and the template's punctuation pieces, as in Qwen's vocabulary: the system template then takes the
-    # 64 tokens that upstream's DROP_IDX drops, as with the real tokenizer (before, "Ġ" stayed a token of its own and
-    # 47 template tokens leaked into every prompt embedding).
+    # Letters-only words: their byte symbols are the characters themselves. (Space-prefixed forms are left out:
+    # transformers re-encodes a merge containing the space symbol, so " word" stays two tokens.) Each word gets the
+    # merges that join the pieces the earlier merges leave it in, left to right, so every word ends as one token
+    # (prefix merges alone do not: "re" from "requirements" would leave "green" as g·re·e·n). A merge added later
+    # ranks after every merge an earlier word uses, so it never changes that word's tokens.
     ranks: dict[tuple[str, str], int] = {}
-    for word in [*TEMPLATE_WORDS, *(SPACE + w for w in TEMPLATE_WORDS), *TEMPLATE_PIECES]:
+    for word in TEMPLATE_WORDS:
         while len(pieces := _bpe(list(word), ranks)) > 1:
             joined = pieces[0] + pieces[1]
             vocab.setdefault(joined, 256 + len(SPECIAL_TOKENS) + 2 + len(merges))
