@@ -240,11 +240,13 @@ def fp8_gradient_case(dit, x: TrainInputs, device: str) -> list[str]:
     def grads(compiled: bool) -> tuple[float, torch.Tensor]:
         if compiled:
             compile_blocks(dit)
-        loss, _, _ = model(batch, noised)
-        gs = torch.autograd.grad(loss, params, allow_unused=True)  # the last block's text-stream outputs go unused
-        if compiled:
-            uncompile_blocks(dit)
-            torch._dynamo.reset()
+        try:
+            loss, _, _ = model(batch, noised)
+            gs = torch.autograd.grad(loss, params, allow_unused=True)  # the last block's text outputs go unused
+        finally:
+            if compiled:
+                uncompile_blocks(dit)
+                torch._dynamo.reset()
         return float(loss.detach()), torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
                                        for p, g in zip(params, gs)])
 
@@ -254,9 +256,6 @@ def fp8_gradient_case(dit, x: TrainInputs, device: str) -> list[str]:
         except Exception as e:  # report it and go on: the other runs still compare
             traceback.print_exc()
             print(f"RESULT f8err | {label} | ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-            if compiled:
-                uncompile_blocks(dit)
-                torch._dynamo.reset()
 
     runs = {"bf16 eager (reference)": grads(False)}
     attempt("bf16 compiled", True)

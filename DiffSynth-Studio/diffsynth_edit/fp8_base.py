@@ -55,11 +55,15 @@ def _fp8_linear_forward(self: torch.nn.Linear, x: torch.Tensor, *args, **kwargs)
     return out
 
 
+def _require_frozen(linear: torch.nn.Linear, what: str) -> None:
+    if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
+        raise ValueError(f"{what} for frozen linears only; this one has trainable weights")
+
+
 def to_fp8_linear(linear: torch.nn.Linear, device: torch.device | str | None = None) -> None:
     """In place: store `linear`'s weight as fp8 + per-row scale on `device` (default: where it is). The quantisation
     runs on that device, one layer at a time, so a model loaded on the host never has a whole bf16 copy there."""
-    if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
-        raise ValueError("fp8 storage is for frozen linears only; this one has trainable weights")
+    _require_frozen(linear, "fp8 storage is")
     w = linear.weight.detach().to(device or linear.weight.device)
     wq, scale = rowwise_fp8(w)
     linear.register_buffer("fp8_weight", wq, persistent=False)
@@ -122,8 +126,7 @@ def to_fp8_matmul_linear(linear: torch.nn.Linear) -> None:
     `fp8_fwd_operand` = W^T [in, out] quantised per output channel (`fp8_fwd_scale` [1, out]) for the forward,
     `fp8_bwd_operand` = W [out, in] quantised per input channel (`fp8_bwd_scale` [1, in]) for the input gradient.
     The original weight is released (an empty placeholder of its dtype stays)."""
-    if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
-        raise ValueError("fp8 matmuls are for frozen linears only; this one has trainable weights")
+    _require_frozen(linear, "fp8 matmuls are")
     w = linear.weight.detach()
     wq, scale = rowwise_fp8(w)  # rows = output channels
     wtq, scale_t = rowwise_fp8(w.t().contiguous())  # rows = input channels (contiguous: elementwise ops keep strides)
