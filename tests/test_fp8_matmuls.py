@@ -153,6 +153,19 @@ def test_fp8_matmuls_refuse_zero3():
     check_fp8_matmuls(torch.device("cpu"), zero3=False)  # CPU, one process: allowed
 
 
+def test_fp8_matmuls_refuse_a_gpu_without_fp8_tensor_cores(monkeypatch):
+    """The card's capability decides (no GPU needed here: the two queries are what the check reads)."""
+    from diffsynth_edit.training.faults import TrainingError
+    from diffsynth_edit.training.model import check_fp8_matmuls
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(TrainingError, match=r"--fp8-matmuls needs a GPU with fp8 tensor cores .*NVIDIA A100"):
+        check_fp8_matmuls(torch.device("cuda"), zero3=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # Hopper: allowed
+    check_fp8_matmuls(torch.device("cuda"), zero3=False)
+
+
 def test_bf16_layer_as_on_the_gpu():
     """The GPU path's dtypes: bf16 weights, input, bias and output. The output is the fp32 product of the rounded
     operands plus the bias, rounded once to bf16 (2^-8 relative); the input gradient likewise."""
