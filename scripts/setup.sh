@@ -14,6 +14,7 @@ else
   PY="$ROOT/.venv/bin/python"
 fi
 STAMP=".venv/.setup-stamp"
+NEED_MB="${SETUP_NEED_MB:-9000}"
 [ -n "${VIRTUAL_ENV:-}" ] && STAMP="$VIRTUAL_ENV/.qwen-edit-setup-stamp"
 WANT="$(sha256sum pyproject.toml | cut -c1-16)-${1:-base}"
 HAVE="$(cat "$STAMP" 2>/dev/null || true)"
@@ -21,11 +22,24 @@ HAVE="$(cat "$STAMP" 2>/dev/null || true)"
 if { [ "$HAVE" = "$WANT" ] || [ "$HAVE" = "${WANT%-base}-test" ]; } && "$PY" -c "import diffsynth_edit, diffsynth, gradio" 2>/dev/null; then
   echo "[setup] environment up to date ($PY)"
 else
-  echo "[setup] installing dependencies into $("$PY" -c 'import sys; print(sys.prefix)') (first run: a few minutes)"
+  PREFIX="$("$PY" -c 'import sys; print(sys.prefix)')"
+  # torch's wheel alone unpacks to about 5.5 GB; pip's own error on a full disk scrolls out of short CI logs.
+  FREE_MB="$(df -Pm "$PREFIX" | awk 'NR == 2 {print $4}')"
+  if [ -n "$FREE_MB" ] && [ "$FREE_MB" -lt "$NEED_MB" ]; then
+    echo "[setup] error: ${FREE_MB} MB free on the disk of $PREFIX; installing needs about ${NEED_MB} MB" >&2
+    df -h "$PREFIX" >&2
+    exit 1
+  fi
+  echo "[setup] installing dependencies into $PREFIX (first run: a few minutes)"
   "$PY" -m pip install --upgrade --quiet pip 2>&1 | grep -v "^WARNING: Location" || true
   EXTRA=""
   [ "${1:-base}" = "test" ] && EXTRA="[test]"
-  "$PY" -m pip install --quiet -e ".$EXTRA" 2>&1 | grep -v "^WARNING: Location" || true
+  if ! "$PY" -m pip install --quiet -e ".$EXTRA" > .pip-install.log 2>&1; then
+    grep -v "^WARNING: Location" .pip-install.log | tail -n 40 >&2
+    echo "[setup] error: 'pip install -e .$EXTRA' failed (its last lines above; all of it in .pip-install.log)" >&2
+    df -h "$PREFIX" >&2
+    exit 1
+  fi
   "$PY" -c "import diffsynth_edit, diffsynth, gradio, transformers; assert transformers.__version__ == '5.16.1', transformers.__version__"
   echo "$WANT" > "$STAMP"
 fi
