@@ -81,4 +81,5 @@ def assert_one_write_error(r: subprocess.CompletedProcess, fault: str, folder: P
     assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
     reason = "no space left on the device" if fault == "full" else "read-only file system"
     assert lines[0].startswith(f"error: cannot write {folder}/") and f"({reason})" in lines[0], lines[0]
-    assert "Traceback" not in r.stderr and not tmp_files(folder)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not tmp_files(folder), (tmp_files(folder), r.stderr)

@@ -55,6 +55,39 @@ def test_dead_worker_is_reported_and_the_build_finishes(tmp_path):
     assert ids(out) == raw.stems and "(1 built, 5 up to date)" in r.stdout, r.stdout
 
 
+def test_a_worker_stopped_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, capfd):
+    """When the pool stops early (another worker hit a full disk), the parent terminates the busy workers: one caught
+    inside an atomic write removes its temporary file, and exits without a traceback. (Before, SIGTERM's default
+    action left `.<name>.<random>.tmp` behind; seen once in a CI run of the full-disk test.)"""
+    import multiprocessing as mp
+    import time
+
+    from diffsynth_edit.atomic import atomic_path
+    from diffsynth_edit.dataset import workers
+    from diffsynth_edit.dataset.records import SampleSpec
+    from diffsynth_edit.lifetime import Terminated
+
+    started = tmp_path / "started"
+
+    def slow_write(spec, st):  # runs in the forked worker
+        with atomic_path(tmp_path / f"{spec.id}.png") as tmp:
+            tmp.write_bytes(b"half an image")
+            started.touch()
+            time.sleep(60)
+
+    monkeypatch.setattr(workers, "process_sample", slow_write)
+    w = workers._Worker(mp.get_context("fork"), st=None)
+    w.conn.send(SampleSpec("s1", tmp_path / "s.png", tmp_path / "t.png", None, (), "edit"))
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and w.proc.is_alive(), "the worker never started writing"
+        time.sleep(0.05)
+    w.stop(grace=0.0)
+    assert w.proc.exitcode == Terminated.exit_code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def _png_claiming(path: Path, width: int, height: int) -> None:
     """A PNG whose header says `width`x`height` but that holds the pixels of a 64x64 image (a decoder that trusts
     the header reads a truncated file; one that checks the header first never decodes)."""

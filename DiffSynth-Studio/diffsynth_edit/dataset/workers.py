@@ -13,7 +13,7 @@ import signal
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Iterator
 
-from ..lifetime import describe_exit, die_with_parent
+from ..lifetime import Terminated, describe_exit, die_with_parent, sigterm_raises
 from ..output_errors import OutputWriteError
 from .build_config import BuildSettings
 from .build_sample import process_sample
@@ -25,7 +25,17 @@ KILL_ENV = "DIFFSYNTH_EDIT_BUILD_TEST_KILL"
 
 
 def _worker_main(conn: Connection, st: BuildSettings, parent_pid: int) -> None:
+    """Build the samples the parent sends. When the pool stops early (another worker's write failed), the parent's
+    SIGTERM raises here, so a sample being written removes its temporary files (`atomic_path`) before the exit."""
     die_with_parent(parent_pid)
+    with sigterm_raises():
+        try:
+            _serve(conn, st)
+        except Terminated:
+            os._exit(Terminated.exit_code)
+
+
+def _serve(conn: Connection, st: BuildSettings) -> None:
     kill_id = os.environ.get(KILL_ENV)
     while True:
         try:
