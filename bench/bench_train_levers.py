@@ -311,7 +311,7 @@ def main() -> int:
         "r32f8": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", False, None, torch.bfloat16, None, True),
         "r32cf8": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16, None, True),
         **{f"r32cb{round(b * 100):02d}f8": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16,
-                                            b, True) for b in (0.1, 0.3, 0.5)},
+                                            b, True) for b in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)},
         "defcf8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, None, True),
         "defcb30f8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, 0.3, True),
     }
