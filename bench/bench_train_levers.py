@@ -283,16 +283,10 @@ def main() -> int:
     p.add_argument("--profile", default="", help="comma-separated cases to profile one more step of")
     a = p.parse_args()
     device, dtype = device_and_dtype(a.tiny)
-    dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
     from diffsynth_edit.activation import set_dit_activation
     from diffsynth_edit.variants import LORA_TARGETS_2511, LORA_TARGETS_UPSTREAM
 
-    x = train_inputs(a.tiny, device, dtype)
     cases = a.cases.split(",")
-    rows = []
-    print(device_name(device), torch.__version__, flush=True)
-    if "up" in cases:
-        rows.append(upstream_case(dit, x, a, device, dtype))
     table = {
         "r32": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", False, None),
         "r32c": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None),
@@ -315,6 +309,15 @@ def main() -> int:
         "defcf8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, None, True),
         "defcb30f8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, 0.3, True),
     }
+    unknown = [k for k in cases if k not in table and k not in ("up", "opt", "f8err")]
+    if unknown:  # before the model is built: a typo must not cost a device call
+        raise SystemExit(f"error: unknown --cases {','.join(unknown)} (known: up, opt, f8err, {', '.join(table)})")
+    dit = build_tiny_dit(device, dtype) if a.tiny else build_full_dit(device, dtype)
+    x = train_inputs(a.tiny, device, dtype)
+    rows = []
+    print(device_name(device), torch.__version__, flush=True)
+    if "up" in cases:
+        rows.append(upstream_case(dit, x, a, device, dtype))
     # fp8 converts the DiT's linears for good: the bf16 cases first, then the gradient comparison, then fp8 timings
     cases.sort(key=lambda k: 2 if k.endswith("f8") else 1 if k == "f8err" else 0)
     set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's activation)
