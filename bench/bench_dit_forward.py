@@ -293,14 +293,10 @@ def loop_cases(dit, ste, inp, args, timer: Timer, add, device: str, dtype: torch
 
 def fast_loop_cases(editor, prep, inp, settings, timer: Timer, add, args) -> None:
     """(g) (d) with the editor's opt-in `speed_up(compile_blocks=True)`, (g′) + fp8 linears (in place: run last)."""
-    from diffsynth_edit.speedups import set_fp8_fast_accum
-
     for label, fp8, fast in (("(g) as (d), speed_up(compile_blocks)", False, False),
                              ("(g′) as (d), compile + fp8 linears", True, False),
                              ("(g″) as (g′), fast fp8 accumulation", True, True)):
-        editor.speed_up(compile_blocks=True, fp8=fp8)
-        if fast:
-            set_fp8_fast_accum(editor.pipe.dit, True)
+        editor.speed_up(compile_blocks=True, fp8=fp8, fp8_fast_accum=fast if fp8 else None)
         t0 = time.perf_counter()
         for _ in range(2):  # both prompt lengths compile (the second makes the graph dynamic in the length)
             editor.predict(prep, inp.x.float(), None, 1000.0, args.cfg)

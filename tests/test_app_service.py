@@ -338,6 +338,15 @@ def test_speed_up_flags_need_cuda(tiny_root, flag):
         build_editor(cfg, log=lambda s: None)
 
 
+def test_fp8_fast_accum_needs_fp8(tiny_root, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_app_config(["--tiny", "--tiny-root", str(tiny_root), "--fp8-fast-accum"])
+    assert info.value.code == 2
+    assert "`fp8-fast-accum` changes how the fp8 matmuls accumulate: it needs `fp8`" in capsys.readouterr().err
+    cfg = parse_app_config(["--tiny", "--tiny-root", str(tiny_root), "--fp8", "--fp8-fast-accum"])
+    assert cfg.fp8 and cfg.fp8_fast_accum
+
+
 # ---- output PNGs ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,size", [("RGB", (1024, 768)), ("RGB", (1, 1)), ("RGBA", (33, 517)), ("L", (7, 1)),
                                        ("LA", (3, 65)), ("P", (20, 10)), ("I;16", (9, 9))])

@@ -297,6 +297,8 @@ def test_tiny_model_command(tmp_path):
     (["edit", "--dataset", "d.json", "--out", "x", "--sampler", "ddim"], "sampler"),
     (["edit", "--dataset", "d.json", "--out", "x", "--cfg", "0.5"], "cfg_scale"),
     (["edit", "--dataset", "d.json", "--out", "x", "--variant", "2512"], "variant"),
+    (["edit", "--dataset", "d.json", "--out", "x", "--fp8-fast-accum"], "--fp8-fast-accum changes how the fp8 "
+                                                                        "matmuls accumulate: it needs --fp8"),
     (["evaluate", "--out", "x"], "--dataset"),
     (["tiny-model"], "--out"),
 ])

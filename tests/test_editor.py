@@ -416,3 +416,30 @@ def test_speed_up_compiles_each_block_and_resets_a_training_budget(tiny_sources,
     ed.speed_up(compile_blocks=True)
     assert ed.compiled and all(b._compiled_call_impl is not None for b in ed.pipe.dit.transformer_blocks)
     assert torch._functorch.config.activation_memory_budget == 1.0
+
+
+def test_speed_up_fp8_fast_accum_reaches_every_fp8_linear(tiny_sources, monkeypatch):
+    """`speed_up(fp8=True, fp8_fast_accum=True)` quantises the blocks with fast accumulation on; a later call that
+    names only `compile_blocks` leaves it as it is; `fp8_fast_accum=False` turns it off; fast accumulation without
+    fp8 is refused. (fp8 quantisation checks for an fp8 GPU: the check is stood in for; the weights are quantised
+    for real, on the CPU.)"""
+    from diffsynth_edit.loading import load_pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    ed = Editor(load_pipeline(tiny_sources, torch_dtype=torch.float32), variant="2511")
+    with pytest.raises(ValueError, match="needs fp8=True"):
+        ed.speed_up(fp8_fast_accum=True)
+    assert not ed.fp8 and not ed.fp8_fast_accum
+
+    def flags():
+        return [m.fp8_fast_accum for m in ed.pipe.dit.modules() if hasattr(m, "fp8_weight")]
+
+    ed.speed_up(fp8=True, fp8_fast_accum=True)
+    assert ed.fp8 and ed.fp8_fast_accum and len(flags()) > 0 and all(flags())
+    monkeypatch.setattr(Editor, "_compile_ste", lambda self: None)
+    monkeypatch.setattr("diffsynth_edit.editing.editor.compile_dit_blocks", lambda dit, ste: None)
+    ed.speed_up(compile_blocks=True)
+    assert ed.compiled and ed.fp8_fast_accum and all(flags())
+    ed.speed_up(fp8_fast_accum=False)
+    assert not ed.fp8_fast_accum and not any(flags())

@@ -31,7 +31,7 @@ from ..loading import ModelSources, load_pipeline
 from ..lora_stack import LoRALayer, LoRAStack
 from ..prompts import edit_prompt
 from ..speedups import compile_blocks as compile_dit_blocks
-from ..speedups import quantize_dit_fp8
+from ..speedups import quantize_dit_fp8, set_fp8_fast_accum
 from ..ste import STE
 from ..variants import get_variant
 from .request import EditInputError, EditRequest, EditResult, EditSettings, PreparedEdit
@@ -104,6 +104,7 @@ class Editor:
         self.extra_loras: list[LoRALayer] = []  # third-party LoRAs stacked on the checkpoint (`set_extra_loras`)
         self._checkpoint_layer: LoRALayer | None = None
         self.fp8 = False
+        self.fp8_fast_accum = False
         self.compiled = False
         self._side_stream: torch.cuda.Stream | None = None  # made on the first CUDA prepare (`_vae_stream`)
         if hot_swap:
@@ -252,14 +253,21 @@ class Editor:
         return cache[(width, height)]
 
     # ---- speed ---------------------------------------------------------------------------------------------------
-    def speed_up(self, compile_blocks: bool = False, fp8: bool = False) -> None:
+    def speed_up(self, compile_blocks: bool = False, fp8: bool = False, fp8_fast_accum: bool | None = None) -> None:
         """Opt-in, CUDA: `fp8` runs the DiT blocks' linears as fp8 matmuls (approximate; a hot-loaded LoRA stays
-        bf16); `compile_blocks` compiles each DiT block with torch.compile (the first edit at a new size compiles,
-        about a minute for the full model). The VAE is left eager: compiled, it recompiles for most new image
-        sizes (see `speedups.compile_vae`), and every mask box gives the sub stream a new size."""
+        bf16); `fp8_fast_accum` (with `fp8`; None leaves it as it is) lets Hopper's fp8 GEMMs promote partial sums
+        to fp32 less often (bench/RESULTS.md: faster, no measurable added error); `compile_blocks` compiles each DiT block with
+        torch.compile (the first edit at a new size compiles, about a minute for the full model). The VAE is left
+        eager: compiled, it recompiles for most new image sizes (see `speedups.compile_vae`), and every mask box gives
+        the sub stream a new size."""
+        if fp8_fast_accum and not (fp8 or self.fp8):
+            raise ValueError("fp8_fast_accum changes how the fp8 matmuls accumulate: it needs fp8=True")
         if fp8 and not self.fp8:
-            quantize_dit_fp8(self.pipe.dit)
-            self.fp8 = True
+            quantize_dit_fp8(self.pipe.dit, fast_accum=bool(fp8_fast_accum))
+            self.fp8, self.fp8_fast_accum = True, bool(fp8_fast_accum)
+        elif fp8_fast_accum is not None and fp8_fast_accum != self.fp8_fast_accum:
+            set_fp8_fast_accum(self.pipe.dit, fp8_fast_accum)  # compiled blocks recompile: the flag is guarded
+            self.fp8_fast_accum = fp8_fast_accum
         if compile_blocks and not self.compiled:
             compile_dit_blocks(self.pipe.dit, self.ste)  # also resets a training run's recompute budget in-process
             self.compiled = True
@@ -347,6 +355,7 @@ class Editor:
         sub_image = vae_decode(self.pipe, x_sub)[0] if x_sub is not None else None
         info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
                                    "zero_cond_t": self.zero_cond_t, "size": list(prep.size), "fp8": self.fp8,
+                                   "fp8_fast_accum": self.fp8_fast_accum,
                                    "dit_activation": self.activation,
                                    "box": list(prep.box.to_subyx()),
                                    "checkpoint": str(self.checkpoint.path) if self.checkpoint else None,
