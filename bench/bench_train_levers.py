@@ -104,10 +104,10 @@ def prodigy_like(optim, cls=None):
 
 def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, rank: int, targets, optimizer: str,
                    compiled: bool, last_n: int | None, tdtype: torch.dtype = torch.bfloat16,
-                   budget: float | None = None, fp8: bool = False) -> tuple | None:
+                   budget: float | None = None, fp8: bool = False, save_attention: bool = False) -> tuple | None:
     """One workspace configuration: its report row, None when it ran out of memory. `budget`: the trainer's
     `recompute_budget` (no block checkpointing; the compiled blocks' partitioner recomputes within the budget);
-    `fp8`: the trainer's `fp8_matmuls`."""
+    `fp8`: the trainer's `fp8_matmuls`; `save_attention`: the trainer's `save_attention`."""
     from diffsynth_edit.speedups import uncompile_blocks
     from diffsynth_edit.training.config import TrainConfig
 
@@ -115,6 +115,7 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
     optimizer = "prodigy" if library else optimizer
     cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
                       checkpoint_last_n=last_n, recompute_budget=budget, fp8_matmuls=fp8,
+                      save_attention=save_attention,
                       learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     model, optim, params, ste = workspace_training(dit, cfg, targets, tdtype, device, compiled)
     if library:
@@ -139,10 +140,11 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         if key in a.profile.split(","):
             profile_step(step, key)
         print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} "
-              f"budget={budget} | "
+              f"budget={budget}{' save_attention' if save_attention else ''} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
-        recompute = (f"partitioner memory budget {budget}" if budget is not None else
+        recompute = (f"partitioner memory budget {budget}{' keeping attention' if save_attention else ''}"
+                     if budget is not None else
                      f"last {last_n} blocks recompute" if last_n else "every block recomputes")
         label = (f"{key}: {mode}, rank {rank}, {len(targets)} targets, {optimizer}, {str(tdtype)[6:]} trainables"
                  f"{', compiled blocks' if compiled else ''}, {recompute}{', fp8 matmuls' if fp8 else ''}")
@@ -309,6 +311,10 @@ def main() -> int:
         "defcf8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, None, True),
         "defcb30f8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, 0.3, True),
     }
+    defaults = (torch.bfloat16, None, False)  # tdtype, budget, fp8 when a row leaves them out
+    table = {k: v + defaults[len(v) - 6:] for k, v in table.items()}
+    # "sa": the budget cases with `save_attention` (the partitioner weighs the attention forward before recomputing)
+    table |= {f"{k}sa": (*v, True) for k, v in table.items() if v[7] is not None}
     unknown = [k for k in cases if k not in table and k not in ("up", "opt", "f8err")]
     if unknown:  # before the model is built: a typo must not cost a device call
         raise SystemExit(f"error: unknown --cases {','.join(unknown)} (known: up, opt, f8err, {', '.join(table)})")
@@ -319,7 +325,7 @@ def main() -> int:
     if "up" in cases:
         rows.append(upstream_case(dit, x, a, device, dtype))
     # fp8 converts the DiT's linears for good: the bf16 cases first, then the gradient comparison, then fp8 timings
-    cases.sort(key=lambda k: 2 if k.endswith("f8") else 1 if k == "f8err" else 0)
+    cases.sort(key=lambda k: 1 if k == "f8err" else 2 if k in table and table[k][8] else 0)
     set_dit_activation(dit, "gelu-tanh")  # the workspace default (the released model's activation)
     if "opt" in cases:
         rows += optimizer_case(dit, a, device)

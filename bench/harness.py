@@ -263,7 +263,7 @@ def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, comp
     if cfg.fp8_matmuls:
         fp8_matmul_blocks(dit)  # the layers an earlier case converted are skipped
     if compiled:
-        compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget)
+        compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget, save_attention=cfg.save_attention)
     model = EditTrainModel(dit, ste, cfg, zero_cond_t=True)
     return model, build_optimizer(cfg, params), params, ste
 

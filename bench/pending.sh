@@ -37,7 +37,7 @@ run() {  # run SECONDS CMD...: the command under a time limit, its exit status r
 FLAGS=("$@")
 case "$GROUP" in
   train-fp8)  # target 1 on the H200: fp8 matmuls + partitioner budget on the r32 step (H100 rows: RESULTS session 11)
-    run 580 python3 bench_train_levers.py --cases up,r32cb30,r32cf8,r32cb20f8,r32cb05f8,r32cb30f8 --profile r32cb20f8 ;;
+    run 580 python3 bench_train_levers.py --cases up,r32cb30,r32cb20f8,r32cb20f8sa,r32cb10f8sa,r32cb30sa --profile r32cb20f8sa ;;
   default)  # target 2: the shipped default with fp32 trainables, with fp8 matmuls; the LBM step
     run 400 python3 bench_train_levers.py --cases defc,defc32,defcf8
     run 180 python3 bench_lbm.py --only-train --train-dtype bf16 --train-compile ;;

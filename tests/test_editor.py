@@ -406,16 +406,17 @@ def test_cuda_side_stream_vae_gives_the_same_edit(tiny_sources):
     torch.testing.assert_close(plain, want, rtol=2e-2, atol=2e-2)
 
 
-def test_speed_up_compiles_each_block_and_resets_a_training_budget(tiny_sources, monkeypatch):
+def test_speed_up_compiles_each_block_and_resets_a_training_budget(tiny_sources):
     """`speed_up(compile_blocks=True)` compiles through `speedups.compile_blocks`: every DiT block, and the
     partitioner's memory budget a training run may have set in this process goes back to 1 (keep what is needed)."""
     from diffsynth_edit.loading import load_pipeline
 
-    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 0.3)
     ed = Editor(load_pipeline(tiny_sources, torch_dtype=torch.float32), variant="2511")
-    ed.speed_up(compile_blocks=True)
+    with torch._functorch.config.patch(activation_memory_budget=0.3):  # pytest's monkeypatch deletes config entries
+        ed.speed_up(compile_blocks=True)
+        budget = torch._functorch.config.activation_memory_budget
     assert ed.compiled and all(b._compiled_call_impl is not None for b in ed.pipe.dit.transformer_blocks)
-    assert torch._functorch.config.activation_memory_budget == 1.0
+    assert budget == 1.0
 
 
 def test_speed_up_fp8_fast_accum_reaches_every_fp8_linear(tiny_sources, monkeypatch):

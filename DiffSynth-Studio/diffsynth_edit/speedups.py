@@ -260,8 +260,58 @@ def quantize_dit_fp8(dit: torch.nn.Module, fast_accum: bool = False) -> int:
 
 
 # ---- regional compile ------------------------------------------------------------------------------------------
+# Attention kernels that torch's partitioner (2.11 to 2.14) leaves out of its compute-intensive ops: below a memory
+# budget it may recompute them like an add, so each block runs its attention forward again in the backward (the
+# H100 profile of the r32 step: 120 cuDNN attention forwards for 60 blocks at every budget, bench/RESULTS.md).
+_UNLISTED_ATTENTION_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def keep_attention_outputs(on: bool) -> None:
+    """Process-wide, read when a graph compiles: with `on`, torch's partitioner counts the attention kernels above as
+    compute-intensive, so under `recompute_budget` it weighs their runtime before recomputing them (as it does for
+    flash/efficient attention and the GEMMs) instead of taking them as free. The AOT autograd cache is off
+    meanwhile (its key does not see this switch, and a cached partition made without it would come back)."""
+    import torch._functorch.partitioners as partitioners
+    from torch.utils._ordered_set import OrderedSet
+
+    original = getattr(partitioners.get_default_op_list, "_without_attention", partitioners.get_default_op_list)
+    if not on:
+        if original is not partitioners.get_default_op_list:
+            partitioners.get_default_op_list = original
+            torch._functorch.config.enable_autograd_cache = original._autograd_cache
+        return
+    if original is not partitioners.get_default_op_list:
+        return  # already on
+    attention = OrderedSet(getattr(torch.ops.aten, n) for n in _UNLISTED_ATTENTION_OPS if hasattr(torch.ops.aten, n))
+    _count_cpu_attention_flops()
+
+    def op_list_with_attention():
+        ops = original()
+        ops.compute_intensive_ops = ops.compute_intensive_ops | attention
+        return ops
+
+    op_list_with_attention._without_attention = original
+    original._autograd_cache = torch._functorch.config.enable_autograd_cache
+    torch._functorch.config.enable_autograd_cache = False
+    partitioners.get_default_op_list = op_list_with_attention
+
+
+def _count_cpu_attention_flops() -> None:
+    """The partitioner prices a recompute by its FLOPs (torch.utils.flop_counter); the cuDNN attention has a formula,
+    the CPU flash kernel none (so it would look free): give it the same one, so that the CPU decides as the GPU."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def compile_blocks(dit: torch.nn.Module, ste: torch.nn.Module | None = None,
-                   recompute_budget: float | None = None) -> None:
+                   recompute_budget: float | None = None, save_attention: bool = False) -> None:
     """torch.compile each DiT transformer block (and each STE block) in place: regional compilation, one graph
     shared by all 60 blocks (the blocks' weights are graph inputs), so the first step compiles once (~25 s for the
     full model on an H200) instead of once per block. Inductor fuses the modulation, norms, RoPE, gates and LoRA
@@ -269,8 +319,12 @@ def compile_blocks(dit: torch.nn.Module, ste: torch.nn.Module | None = None,
     graph is dynamic in it. Works under gradient checkpointing (the recompute replays the compiled block).
     `recompute_budget` (training without block checkpointing): the fraction of its activations each compiled
     block's forward/backward partition keeps (torch._functorch.config.activation_memory_budget, process-wide, read
-    when a graph compiles; None = 1, keep what the backward reads). `uncompile_blocks` undoes the compile."""
+    when a graph compiles; None = 1, keep what the backward reads). `save_attention` (with `recompute_budget`):
+    `keep_attention_outputs` for these graphs. `uncompile_blocks` undoes the compile."""
+    if save_attention and recompute_budget is None:
+        raise ValueError("save_attention applies to the partitioner's recompute budget: give recompute_budget")
     torch._functorch.config.activation_memory_budget = 1.0 if recompute_budget is None else float(recompute_budget)
+    keep_attention_outputs(save_attention)
     for block in dit.transformer_blocks:
         block.compile()
     if ste is not None:

@@ -54,6 +54,10 @@ class TrainConfig:
                 "block keeps this fraction of the activations it would save and recomputes the rest, the cheapest "
                 "to recompute first (torch's partitioner memory budget). 0.3 on an H200, r32: 1.09 s/step at "
                 "55.9 GiB vs 1.24 s at 43.6 GiB (bench/RESULTS.md)"})
+    save_attention: bool = field(default=False, metadata={
+        "help": "with recompute_budget: the partitioner weighs the cuDNN attention forward's runtime before "
+                "recomputing it (torch lists it with neither the GEMMs nor flash attention, so below a budget it "
+                "recomputes it as if free). Costs the attention outputs' memory; not yet measured on a GPU"})
     trainable_dtype: Literal["fp32", "bf16"] = "fp32"
     fp8_matmuls: bool = field(default=False, metadata={
         "help": "compute the frozen DiT blocks' token linears (attention projections, MLPs) in fp8 on the tensor "
@@ -145,6 +149,9 @@ class TrainConfig:
                                   "chooses what to recompute)")
             if self.checkpoint_last_n is not None:
                 raise ConfigError("--recompute-budget replaces block checkpointing; drop --checkpoint-last-n")
+        elif self.save_attention:
+            raise ConfigError("--save-attention tells the partitioner of --recompute-budget what to keep: give "
+                              "--recompute-budget (and --compile-blocks)")
         if self.lora_targets is not None and not self.lora_targets:
             raise ConfigError("--lora-targets is empty")
         self._validate_low_memory()
