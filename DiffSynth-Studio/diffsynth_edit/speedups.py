@@ -262,7 +262,7 @@ def quantize_dit_fp8(dit: torch.nn.Module, fast_accum: bool = False) -> int:
 # ---- regional compile ------------------------------------------------------------------------------------------
 # Attention kernels that torch's partitioner (2.11 to 2.14) leaves out of its compute-intensive ops: below a memory
 # budget it may recompute them like an add, so each block runs its attention forward again in the backward (the
-# H100 profile of the r32 step: 120 cuDNN attention forwards for 60 blocks at every budget, bench/RESULTS.md).
+# H100 profile of the r32 step: 120 cuDNN attention forwards for 60 blocks at budget 0.1, bench/RESULTS.md).
 _UNLISTED_ATTENTION_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
 
 
