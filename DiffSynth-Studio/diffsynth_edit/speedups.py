@@ -274,24 +274,23 @@ def keep_attention_outputs(on: bool) -> None:
     import torch._functorch.partitioners as partitioners
     from torch.utils._ordered_set import OrderedSet
 
-    original = getattr(partitioners.get_default_op_list, "_without_attention", partitioners.get_default_op_list)
-    if not on:
-        if original is not partitioners.get_default_op_list:
-            partitioners.get_default_op_list = original
-            torch._functorch.config.enable_autograd_cache = original._autograd_cache
+    current = partitioners.get_default_op_list
+    if on == hasattr(current, "_without_attention"):
+        return  # already as asked
+    if not on:  # the wrapper below holds what it replaced
+        partitioners.get_default_op_list = current._without_attention
+        torch._functorch.config.enable_autograd_cache = current._autograd_cache
         return
-    if original is not partitioners.get_default_op_list:
-        return  # already on
     attention = OrderedSet(getattr(torch.ops.aten, n) for n in _UNLISTED_ATTENTION_OPS if hasattr(torch.ops.aten, n))
     _count_cpu_attention_flops()
 
     def op_list_with_attention():
-        ops = original()
+        ops = current()
         ops.compute_intensive_ops = ops.compute_intensive_ops | attention
         return ops
 
-    op_list_with_attention._without_attention = original
-    original._autograd_cache = torch._functorch.config.enable_autograd_cache
+    op_list_with_attention._without_attention = current
+    op_list_with_attention._autograd_cache = torch._functorch.config.enable_autograd_cache
     torch._functorch.config.enable_autograd_cache = False
     partitioners.get_default_op_list = op_list_with_attention
 
