@@ -14,8 +14,8 @@ else
   PY="$ROOT/.venv/bin/python"
 fi
 STAMP=".venv/.setup-stamp"
-NEED_MB="${SETUP_NEED_MB:-9000}"
 [ -n "${VIRTUAL_ENV:-}" ] && STAMP="$VIRTUAL_ENV/.qwen-edit-setup-stamp"
+NEED_MB="${SETUP_NEED_MB:-9000}"  # free disk space an install needs (MB)
 WANT="$(sha256sum pyproject.toml | cut -c1-16)-${1:-base}"
 HAVE="$(cat "$STAMP" 2>/dev/null || true)"
 # The test set-up holds the base one: a quickstart after the tests does not reinstall.

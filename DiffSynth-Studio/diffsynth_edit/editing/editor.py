@@ -256,10 +256,10 @@ class Editor:
     def speed_up(self, compile_blocks: bool = False, fp8: bool = False, fp8_fast_accum: bool | None = None) -> None:
         """Opt-in, CUDA: `fp8` runs the DiT blocks' linears as fp8 matmuls (approximate; a hot-loaded LoRA stays
         bf16); `fp8_fast_accum` (with `fp8`; None leaves it as it is) lets Hopper's fp8 GEMMs promote partial sums
-        to fp32 less often (bench/RESULTS.md: faster, no measurable added error); `compile_blocks` compiles each DiT block with
-        torch.compile (the first edit at a new size compiles, about a minute for the full model). The VAE is left
-        eager: compiled, it recompiles for most new image sizes (see `speedups.compile_vae`), and every mask box gives
-        the sub stream a new size."""
+        to fp32 less often (bench/RESULTS.md: faster, no measurable added error); `compile_blocks` compiles each DiT
+        block with torch.compile (the first edit at a new size compiles, about a minute for the full model). The VAE
+        is left eager: compiled, it recompiles for most new image sizes (see `speedups.compile_vae`), and every mask
+        box gives the sub stream a new size."""
         if fp8_fast_accum and not (fp8 or self.fp8):
             raise ValueError("fp8_fast_accum changes how the fp8 matmuls accumulate: it needs fp8=True")
         if fp8 and not self.fp8:
