@@ -109,3 +109,24 @@ def test_save_attention_needs_a_recompute_budget(tiny_root, tmp_path):
         compile_blocks(torch.nn.Module(), save_attention=True)
     with pytest.raises(ConfigError, match="--save-attention .* give --recompute-budget"):
         make_cfg(tmp_path, tiny_root, tmp_path / "o", compile_blocks=True, save_attention=True)
+
+
+def test_keep_attention_outputs_twice_installs_one_wrapper_and_off_restores_torch():
+    import torch._functorch.partitioners as partitioners
+    from diffsynth_edit.speedups import keep_attention_outputs
+
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        torch_op_list = partitioners.get_default_op_list
+        keep_attention_outputs(True)
+        try:
+            wrapper = partitioners.get_default_op_list
+            keep_attention_outputs(True)
+            assert partitioners.get_default_op_list is wrapper and wrapper._without_attention is torch_op_list
+            assert torch._functorch.config.enable_autograd_cache is False
+            assert torch.ops.aten._scaled_dot_product_cudnn_attention in wrapper().compute_intensive_ops
+            assert torch.ops.aten._scaled_dot_product_cudnn_attention not in torch_op_list().compute_intensive_ops
+        finally:
+            keep_attention_outputs(False)
+        keep_attention_outputs(False)
+        assert partitioners.get_default_op_list is torch_op_list
+        assert torch._functorch.config.enable_autograd_cache is True
