@@ -680,6 +680,42 @@ def test_atomic_helpers(tmp_path):
     assert p.read_text() == "two" and os.listdir(p.parent) == ["f.txt"]
 
 
+def test_an_interrupted_cleanup_leaves_the_temporary_file_to_remove_unfinished_temp_files(tmp_path, monkeypatch):
+    """A signal can cut short `atomic_path`'s own removal of a failed write's temporary file; the file then stays
+    registered and `remove_unfinished_temp_files` removes it. Finished and cleanly failed writes leave nothing
+    registered; a forked child does not remove its parent's unfinished files."""
+    import pathlib
+
+    from diffsynth_edit import atomic
+
+    p = tmp_path / "f.txt"
+    atomic.atomic_write_text(p, "one")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(p) as tmp:
+            raise RuntimeError("boom")
+    assert atomic.remove_unfinished_temp_files() == []
+
+    def interrupted_unlink(self, missing_ok=False):
+        raise KeyboardInterrupt  # as a signal's exception arriving just before the removal
+
+    monkeypatch.setattr(pathlib.Path, "unlink", interrupted_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise OSError(28, "No space left on device")
+    monkeypatch.undo()
+    assert tmp.exists() and sorted(x.name for x in tmp_path.iterdir()) == sorted(["f.txt", tmp.name])
+
+    pid = os.fork()
+    if pid == 0:  # the child: nothing of its own to remove
+        os._exit(len(atomic.remove_unfinished_temp_files()))
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0 and tmp.exists()
+
+    assert atomic.remove_unfinished_temp_files() == [tmp]
+    assert os.listdir(tmp_path) == ["f.txt"] and p.read_text() == "one"
+    assert atomic.remove_unfinished_temp_files() == []
+
+
 def test_instructions_file_bad_rows_reported_with_their_lines(tmp_path):
     """A JSONL instructions file: unparsable lines and rows without a stem are reported (file:line) and skipped,
     the good rows used; a JSON list that does not parse stops with a message naming the file."""

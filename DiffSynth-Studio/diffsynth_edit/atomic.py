@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +26,43 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+# Temporary files of this process's atomic writes not yet renamed or removed. A signal can interrupt the cleanup in
+# `atomic_path` itself (SIGTERM raising `Terminated` just as a failed write unwinds); whoever catches it then calls
+# `remove_unfinished_temp_files`. Cleared in a forked child: the parent's writes are the parent's to finish.
+_UNFINISHED: set[str] = set()
+os.register_at_fork(after_in_child=_UNFINISHED.clear)
+
+
+def _create_temp_file(final: Path) -> Path:
+    """An empty new file `.<final name>.<random>.tmp` beside `final`, registered before it exists, so that no
+    interruption leaves it unregistered."""
+    for _ in range(100):
+        tmp = str(final.parent / f".{final.name}.{secrets.token_hex(5)}{TMP_SUFFIX}")
+        _UNFINISHED.add(tmp)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            _UNFINISHED.discard(tmp)
+            continue
+        except OSError:  # not created (read-only, no such folder ...)
+            _UNFINISHED.discard(tmp)
+            raise
+        return Path(tmp)
+    raise FileExistsError(f"no free temporary name beside {final}")
+
+
+def remove_unfinished_temp_files() -> list[Path]:
+    """Remove the temporary files of this process's atomic writes that an interruption left behind (call where a
+    `Terminated` or other fatal exception is caught, before exiting). Returns the files removed."""
+    removed = []
+    for tmp in sorted(_UNFINISHED):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+            removed.append(Path(tmp))
+        _UNFINISHED.discard(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temp path in the same folder; on success it replaces `final`, on error it is removed.
@@ -35,17 +72,17 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp_file(final)
     try:
         yield tmp_path
         with contextlib.suppress(OSError):
             os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, final)
+        _UNFINISHED.discard(str(tmp_path))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        _UNFINISHED.discard(str(tmp_path))  # not in a `finally`: an interrupted unlink must leave it registered
         raise
 
 

@@ -13,6 +13,7 @@ import signal
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Iterator
 
+from ..atomic import remove_unfinished_temp_files
 from ..lifetime import Terminated, describe_exit, die_with_parent, sigterm_raises
 from ..output_errors import OutputWriteError
 from .build_config import BuildSettings
@@ -26,12 +27,14 @@ KILL_ENV = "DIFFSYNTH_EDIT_BUILD_TEST_KILL"
 
 def _worker_main(conn: Connection, st: BuildSettings, parent_pid: int) -> None:
     """Build the samples the parent sends. When the pool stops early (another worker's write failed), the parent's
-    SIGTERM raises here, so a sample being written removes its temporary files (`atomic_path`) before the exit."""
+    SIGTERM raises here, so a sample being written removes its temporary files (`atomic_path`) before the exit, also
+    when the signal cut short the removal itself (a write failing on the full disk as the pool stops)."""
     die_with_parent(parent_pid)
     with sigterm_raises():
         try:
             _serve(conn, st)
         except Terminated:
+            remove_unfinished_temp_files()
             os._exit(Terminated.exit_code)
 
 
