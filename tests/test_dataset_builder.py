@@ -714,6 +714,8 @@ def test_an_interrupted_cleanup_leaves_the_temporary_file_to_remove_unfinished_t
     assert atomic.remove_unfinished_temp_files() == [tmp]
     assert os.listdir(tmp_path) == ["f.txt"] and p.read_text() == "one"
     assert atomic.remove_unfinished_temp_files() == []
+    assert atomic.final_name_of_temp(tmp.name) == "f.txt"
+    assert atomic.final_name_of_temp("f.txt") is None and atomic.final_name_of_temp(".f.txt.tmp") is None
 
 
 def test_instructions_file_bad_rows_reported_with_their_lines(tmp_path):

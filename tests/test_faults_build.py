@@ -132,6 +132,51 @@ def test_a_worker_stopped_while_removing_a_failed_write_leaves_no_temporary_file
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_worker_killed_mid_write_has_its_temporary_files_removed_by_the_parent(tmp_path, monkeypatch):
+    """A worker SIGKILLed while writing a sample's outputs (the OOM killer) cannot clean up: the parent removes that
+    sample's temporary files (its target and its reference `<id>_1`), reports the sample lost, and leaves the
+    temporary files of other samples (`s1_1`'s target, being written by another worker) alone."""
+    import multiprocessing as mp
+    import signal
+    import types
+
+    from diffsynth_edit.atomic import atomic_path
+    from diffsynth_edit.dataset import workers
+    from diffsynth_edit.dataset.records import SampleSpec
+
+    files = tmp_path / "ds_files"
+    other = files / "target" / ".s1_1.png.0123456789.tmp"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another sample's write in flight")
+
+    def killed_mid_write(spec, st):  # runs in the forked worker
+        target, ref = files / "target" / f"{spec.id}.png", files / "refs" / f"{spec.id}_1.png"
+        with atomic_path(target) as a, atomic_path(ref) as b:
+            a.write_bytes(b"half")
+            b.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(workers, "process_sample", killed_mid_write)
+    real_context = mp.get_context
+    monkeypatch.setattr(workers.mp, "get_context", lambda method=None: real_context("fork"))
+    results = []
+    spec = SampleSpec("s1", tmp_path / "s.png", tmp_path / "t.png", None, (), "edit")
+    workers.run_in_workers([spec], types.SimpleNamespace(files_dir=files), 1, results.append)
+    assert [(r.id, [p.reason for p in r.problems]) for r in results] == [("s1", ["worker_died"])]
+    assert sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.is_file()) == ["target/" + other.name]
+
+
+def test_which_output_files_are_a_samples():
+    from diffsynth_edit.dataset.build_sample import is_output_of
+
+    assert is_output_of("a", "target", "a.png") and is_output_of("a", "meta", "a.json")
+    assert is_output_of("a", "refs", "a_1.png") and is_output_of("a_1", "refs", "a_1_12.jpg")
+    assert not is_output_of("a", "target", "a_1.png")  # sample a_1's target
+    assert not is_output_of("a", "refs", "a.png") and not is_output_of("a", "refs", "a_x.png")
+    assert not is_output_of("a_1", "refs", "a_1.png")  # sample a's first reference
+    assert not is_output_of("a", "target", "a") and not is_output_of("a.b", "target", "a.png")
+
+
 def _png_claiming(path: Path, width: int, height: int) -> None:
     """A PNG whose header says `width`x`height` but that holds the pixels of a 64x64 image (a decoder that trusts
     the header reads a truncated file; one that checks the header first never decodes)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 from pathlib import Path
@@ -49,6 +50,15 @@ def _create_temp_file(final: Path) -> Path:
             raise
         return Path(tmp)
     raise FileExistsError(f"no free temporary name beside {final}")
+
+
+_TEMP_NAME = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{10}" + re.escape(TMP_SUFFIX))
+
+
+def final_name_of_temp(name: str) -> str | None:
+    """The name of the file an `atomic_path` temporary file named `name` was to become; None when it is not one."""
+    m = _TEMP_NAME.fullmatch(name)
+    return m["final"] if m else None
 
 
 def remove_unfinished_temp_files() -> list[Path]:

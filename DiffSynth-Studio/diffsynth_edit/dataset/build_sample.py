@@ -217,6 +217,21 @@ class _Outputs:
         return rel
 
 
+REFS_FOLDER = "refs"  # the extra reference images, `<id>_<n>.<ext>`; every other output folder holds `<id>.<ext>`
+
+
+def is_output_of(sample_id: str, folder: str, name: str) -> bool:
+    """Whether a file named `name` in the output folder `folder` (`target`, `refs`, `meta` ...) is sample
+    `sample_id`'s, and of no other sample's."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not ext.isalnum():
+        return False
+    if folder == REFS_FOLDER:
+        base, _, n = stem.rpartition("_")
+        return base == sample_id and n.isdigit()
+    return stem == sample_id
+
+
 def _write_outputs(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes], pair: _Pair, binary: np.ndarray,
                    box: Box, refs: list[tuple[Image.Image, DecodedImage]]) -> tuple[dict[str, Any], dict[str, int]]:
     """(dataset record, output sizes) after writing the target, edit images, mask, ref_gt and its crop."""
@@ -227,7 +242,7 @@ def _write_outputs(spec: SampleSpec, st: BuildSettings, raw: dict[str, bytes], p
         edit0 = out.put("fixed", spec.id, Image.composite(pair.source, pair.target, mask_l))
     else:
         edit0 = out.put("source", spec.id, pair.source, pair.source_dec, raw["source"])
-    edit_rest = [out.put("refs", f"{spec.id}_{i}", img, dec, raw[f"ref_{i}"], expect=img.size)
+    edit_rest = [out.put(REFS_FOLDER, f"{spec.id}_{i}", img, dec, raw[f"ref_{i}"], expect=img.size)
                  for i, (img, dec) in enumerate(refs, 1)]
     mask_rel = out.put("mask", spec.id, mask_l)
     ref_gt = Image.composite(pair.target, Image.new("RGB", pair.size, WHITE), mask_l)  # the target on white

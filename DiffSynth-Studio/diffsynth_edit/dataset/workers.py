@@ -4,6 +4,10 @@ pick on a huge image) costs exactly that sample, which is reported (`worker_died
 
 A worker that hits a failed output write (`OutputWriteError`) sends it back; the pool stops and the builder raises
 it: a full disk is the run's error, not the sample's.
+
+No temporary file of an output outlives its worker: a worker stopped by SIGTERM removes its own (`atomic_path`, and
+`remove_unfinished_temp_files` for a cleanup the signal cut short); those of a worker that died by SIGKILL are removed
+by the parent, which knows the sample it was building.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ import multiprocessing as mp
 import os
 import signal
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Callable, Iterator
 
-from ..atomic import remove_unfinished_temp_files
+from ..atomic import TMP_SUFFIX, final_name_of_temp, remove_unfinished_temp_files
 from ..lifetime import Terminated, describe_exit, die_with_parent, sigterm_raises
 from ..output_errors import OutputWriteError
 from .build_config import BuildSettings
-from .build_sample import process_sample
+from .build_sample import is_output_of, process_sample
 from .records import SampleResult, SampleSpec, _err
 
 # Test hook (crash tests only): a worker about to build the sample whose id is this variable's value SIGKILLs itself,
@@ -82,6 +87,19 @@ def _lost(spec: SampleSpec, exitcode: int | None) -> SampleResult:
     return SampleResult(spec.id, "error", problems=[_err("worker_died", spec.source, spec.id, detail)])
 
 
+def _remove_temp_files_of(spec: SampleSpec, files_dir: Path) -> None:
+    """Remove the temporary files of `spec`'s outputs that its worker left when it died (SIGKILL: the OOM killer, or
+    the pool's kill of a worker that did not stop) — call once that worker is gone."""
+    if not files_dir.is_dir():
+        return
+    for folder in files_dir.iterdir():
+        if folder.is_dir():
+            for tmp in folder.glob(".*" + TMP_SUFFIX):
+                final = final_name_of_temp(tmp.name)
+                if final is not None and is_output_of(spec.id, folder.name, final):
+                    tmp.unlink(missing_ok=True)
+
+
 def run_in_workers(specs: list[SampleSpec], st: BuildSettings, n: int,
                    on_result: Callable[[SampleResult], None]) -> None:
     """Process `specs` in `n` worker processes, calling `on_result` for each (in completion order). Raises the
@@ -103,6 +121,8 @@ def run_in_workers(specs: list[SampleSpec], st: BuildSettings, n: int,
                 if isinstance(got, OutputWriteError):
                     raise got
                 if got is None:  # the worker died with this task
+                    if not w.proc.is_alive():
+                        _remove_temp_files_of(w.task, st.files_dir)
                     on_result(_lost(w.task, w.proc.exitcode))
                 else:
                     on_result(got)
@@ -121,6 +141,9 @@ def run_in_workers(specs: list[SampleSpec], st: BuildSettings, n: int,
                     pass
         for w in workers:
             w.stop(grace=5.0 if finished else 0.0)
+        for w in workers:
+            if w.task is not None:  # stopped while building it
+                _remove_temp_files_of(w.task, st.files_dir)
 
 
 def _give(w: _Worker, todo: Iterator[SampleSpec]) -> None:
