@@ -140,7 +140,7 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         if key in a.profile.split(","):
             profile_step(step, key)
         print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} "
-              f"budget={budget}{' save_attention' if save_attention else ''} | "
+              f"budget={budget}{' fp8' if fp8 else ''}{' save_attention' if save_attention else ''} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
         recompute = (f"partitioner memory budget {budget}{' keeping attention' if save_attention else ''}"
