@@ -55,16 +55,32 @@ def test_dead_worker_is_reported_and_the_build_finishes(tmp_path):
     assert ids(out) == raw.stems and "(1 built, 5 up to date)" in r.stdout, r.stdout
 
 
+def _fork_a_worker_on_one_sample(tmp_path, monkeypatch, process_sample, started: Path):
+    """A dataset-build worker forked with `process_sample` in place of the real one, sent one sample `s1`; returned
+    once `process_sample` has touched `started`."""
+    import multiprocessing as mp
+    import time
+
+    from diffsynth_edit.dataset import workers
+    from diffsynth_edit.dataset.records import SampleSpec
+
+    monkeypatch.setattr(workers, "process_sample", process_sample)
+    w = workers._Worker(mp.get_context("fork"), st=None)
+    w.conn.send(SampleSpec("s1", tmp_path / "s.png", tmp_path / "t.png", None, (), "edit"))
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and w.proc.is_alive(), "the worker never reached the point to stop it at"
+        time.sleep(0.05)
+    return w
+
+
 def test_a_worker_stopped_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch, capfd):
     """When the pool stops early (another worker hit a full disk), the parent terminates the busy workers: one caught
     inside an atomic write removes its temporary file, and exits without a traceback. (Before, SIGTERM's default
     action left `.<name>.<random>.tmp` behind; seen once in a CI run of the full-disk test.)"""
-    import multiprocessing as mp
     import time
 
     from diffsynth_edit.atomic import atomic_path
-    from diffsynth_edit.dataset import workers
-    from diffsynth_edit.dataset.records import SampleSpec
     from diffsynth_edit.lifetime import Terminated
 
     started = tmp_path / "started"
@@ -75,13 +91,7 @@ def test_a_worker_stopped_mid_write_leaves_no_temporary_file(tmp_path, monkeypat
             started.touch()
             time.sleep(60)
 
-    monkeypatch.setattr(workers, "process_sample", slow_write)
-    w = workers._Worker(mp.get_context("fork"), st=None)
-    w.conn.send(SampleSpec("s1", tmp_path / "s.png", tmp_path / "t.png", None, (), "edit"))
-    deadline = time.monotonic() + 30
-    while not started.exists():
-        assert time.monotonic() < deadline and w.proc.is_alive(), "the worker never started writing"
-        time.sleep(0.05)
+    w = _fork_a_worker_on_one_sample(tmp_path, monkeypatch, slow_write, started)
     w.stop(grace=0.0)
     assert w.proc.exitcode == Terminated.exit_code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]
@@ -91,16 +101,13 @@ def test_a_worker_stopped_mid_write_leaves_no_temporary_file(tmp_path, monkeypat
 def test_a_worker_stopped_while_removing_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch, capfd):
     """The pool stops because the disk is full, and a second worker's write fails on the same full disk at that
     moment: the SIGTERM lands while `atomic_path` is removing that write's temporary file, cutting the removal short.
-    The worker still removes it before exiting. (Seen in a CI run after the test above was fixed; here the removal
-    is made slow so that the signal lands inside it every time.)"""
+    The worker still removes it before exiting. (The likely cause of a leftover seen in a CI run after the test above
+    was fixed; here the removal is made slow so that the signal lands inside it every time.)"""
     import errno
-    import multiprocessing as mp
     import pathlib
     import time
 
     from diffsynth_edit.atomic import atomic_path
-    from diffsynth_edit.dataset import workers
-    from diffsynth_edit.dataset.records import SampleSpec
     from diffsynth_edit.lifetime import Terminated
 
     started = tmp_path / "started"
@@ -118,13 +125,7 @@ def test_a_worker_stopped_while_removing_a_failed_write_leaves_no_temporary_file
             tmp.write_bytes(b"half an image")
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(workers, "process_sample", write_failing_on_a_full_disk)
-    w = workers._Worker(mp.get_context("fork"), st=None)
-    w.conn.send(SampleSpec("s1", tmp_path / "s.png", tmp_path / "t.png", None, (), "edit"))
-    deadline = time.monotonic() + 30
-    while not started.exists():
-        assert time.monotonic() < deadline and w.proc.is_alive(), "the worker never started removing its write"
-        time.sleep(0.05)
+    w = _fork_a_worker_on_one_sample(tmp_path, monkeypatch, write_failing_on_a_full_disk, started)
     assert len(list(tmp_path.glob(".s1.png.*.tmp"))) == 1  # the removal has not happened yet
     w.stop(grace=0.0)
     assert w.proc.exitcode == Terminated.exit_code
