@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -716,6 +717,30 @@ def test_an_interrupted_cleanup_leaves_the_temporary_file_to_remove_unfinished_t
     assert atomic.remove_unfinished_temp_files() == []
     assert atomic.final_name_of_temp(tmp.name) == "f.txt"
     assert atomic.final_name_of_temp("f.txt") is None and atomic.final_name_of_temp(".f.txt.tmp") is None
+
+
+def test_sigterm_raises_removes_the_temporary_file_whose_cleanup_the_signal_cut_short(tmp_path, monkeypatch):
+    """SIGTERM arriving while `atomic_path` removes a failed write's temporary file: `Terminated` leaves
+    `sigterm_raises` with the file removed (the dataset workers and the cache CLI rely on this)."""
+    import pathlib
+    import time
+
+    from diffsynth_edit.atomic import atomic_path
+    from diffsynth_edit.lifetime import Terminated, sigterm_raises
+
+    def unlink_as_sigterm_arrives(self, missing_ok=False):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, before any removal
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not raise")
+
+    p = tmp_path / "f.txt"
+    with pytest.raises(Terminated):
+        with sigterm_raises():
+            with atomic_path(p) as tmp:
+                monkeypatch.setattr(pathlib.Path, "unlink", unlink_as_sigterm_arrives)
+                raise OSError(28, "No space left on device")
+    monkeypatch.undo()
+    assert not tmp.exists() and os.listdir(tmp_path) == []
 
 
 def test_instructions_file_bad_rows_reported_with_their_lines(tmp_path):

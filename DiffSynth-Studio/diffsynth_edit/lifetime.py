@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .atomic import remove_unfinished_temp_files
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -68,7 +70,8 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread (the previous handler comes back after).
-    A no-op outside the main thread."""
+    When it leaves the block, the temporary files of atomic writes it interrupted are removed, also those whose own
+    cleanup it cut short (`atomic.remove_unfinished_temp_files`). A no-op outside the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -80,6 +83,9 @@ def sigterm_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except Terminated:
+        remove_unfinished_temp_files()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

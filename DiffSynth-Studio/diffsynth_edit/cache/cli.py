@@ -18,7 +18,6 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
     from .config import CacheConfig, CacheRunError
     from .encode import run_cache
 
-    from ..atomic import remove_unfinished_temp_files
     from ..lifetime import Terminated, sigterm_raises
     from ..output_errors import OutputWriteError
     from .workers import _shutdown_pool
@@ -37,7 +36,6 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
               f"the same command again to finish the cache", file=sys.stderr)
         return 2
     except Terminated as e:
-        remove_unfinished_temp_files()
         _shutdown_pool(kill=True)
         print(f"error: stopped by SIGTERM; the files written so far are kept: run the same command again to finish "
               f"the cache", file=sys.stderr)

@@ -6,7 +6,7 @@ A worker that hits a failed output write (`OutputWriteError`) sends it back; the
 it: a full disk is the run's error, not the sample's.
 
 No temporary file of an output outlives its worker: a worker stopped by SIGTERM removes its own (`atomic_path`, and
-`remove_unfinished_temp_files` for a cleanup the signal cut short); those of a worker that died by SIGKILL are removed
+`sigterm_raises` for a cleanup the signal cut short); those of a worker that died by SIGKILL are removed
 by the parent, which knows the sample it was building.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..atomic import TMP_SUFFIX, final_name_of_temp, remove_unfinished_temp_files
+from ..atomic import TMP_SUFFIX, final_name_of_temp
 from ..lifetime import Terminated, describe_exit, die_with_parent, sigterm_raises
 from ..output_errors import OutputWriteError
 from .build_config import BuildSettings
@@ -35,12 +35,11 @@ def _worker_main(conn: Connection, st: BuildSettings, parent_pid: int) -> None:
     SIGTERM raises here, so a sample being written removes its temporary files (`atomic_path`) before the exit, also
     when the signal cut short the removal itself (a write failing on the full disk as the pool stops)."""
     die_with_parent(parent_pid)
-    with sigterm_raises():
-        try:
+    try:
+        with sigterm_raises():
             _serve(conn, st)
-        except Terminated:
-            remove_unfinished_temp_files()
-            os._exit(Terminated.exit_code)
+    except Terminated:
+        os._exit(Terminated.exit_code)
 
 
 def _serve(conn: Connection, st: BuildSettings) -> None:
