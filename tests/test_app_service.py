@@ -347,6 +347,18 @@ def test_fp8_fast_accum_needs_fp8(tiny_root, capsys):
     assert cfg.fp8 and cfg.fp8_fast_accum
 
 
+def test_fp8_keep_bf16_names_block_linears_and_needs_fp8(tiny_root, capsys):
+    base = ["--tiny", "--tiny-root", str(tiny_root)]
+    for extra, message in ((["--fp8-keep-bf16", "img_mlp.net.2"], "it needs `fp8`"),
+                           (["--fp8", "--fp8-keep-bf16", "img_mlp"], "'img_mlp' is not a token linear")):
+        with pytest.raises(SystemExit) as info:
+            parse_app_config(base + extra)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+    cfg = parse_app_config(base + ["--fp8", "--fp8-keep-bf16", "img_mlp.net.0.proj,img_mlp.net.2"])
+    assert cfg.fp8_keep_bf16 == ["img_mlp.net.0.proj", "img_mlp.net.2"]
+
+
 # ---- output PNGs ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,size", [("RGB", (1024, 768)), ("RGB", (1, 1)), ("RGBA", (33, 517)), ("L", (7, 1)),
                                        ("LA", (3, 65)), ("P", (20, 10)), ("I;16", (9, 9))])

@@ -299,6 +299,10 @@ def test_tiny_model_command(tmp_path):
     (["edit", "--dataset", "d.json", "--out", "x", "--variant", "2512"], "variant"),
     (["edit", "--dataset", "d.json", "--out", "x", "--fp8-fast-accum"], "--fp8-fast-accum changes how the fp8 "
                                                                         "matmuls accumulate: it needs --fp8"),
+    (["edit", "--dataset", "d.json", "--out", "x", "--fp8-keep-bf16", "img_mlp.net.0.proj"],
+     "--fp8-keep-bf16 names DiT linears to leave out of fp8: it needs --fp8"),
+    (["edit", "--dataset", "d.json", "--out", "x", "--fp8", "--fp8-keep-bf16", "img_mlp.net.2,img_mlp.net.0"],
+     "--fp8-keep-bf16: fp8 keep-bf16: 'img_mlp.net.0' is not a token linear of a DiT block; choose from attn.to_q,"),
     (["evaluate", "--out", "x"], "--dataset"),
     (["tiny-model"], "--out"),
 ])

@@ -444,3 +444,34 @@ def test_speed_up_fp8_fast_accum_reaches_every_fp8_linear(tiny_sources, monkeypa
     assert ed.compiled and ed.fp8_fast_accum and all(flags())
     ed.speed_up(fp8_fast_accum=False)
     assert not ed.fp8_fast_accum and not any(flags())
+
+
+def test_speed_up_fp8_keep_bf16_leaves_the_named_linears_in_bf16(tiny_sources, monkeypatch):
+    """`fp8_keep_bf16` leaves the named block linears as they were in every block, quantises the other token
+    linears, and is recorded in the edit's info; it needs fp8, names must be block linears, and an fp8 editor cannot
+    change it. (The fp8 GPU check is stood in for; the weights are quantised for real, on the CPU.)"""
+    from diffsynth_edit.loading import load_pipeline
+    from diffsynth_edit.speedups import DIT_TOKEN_LINEARS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    ed = Editor(load_pipeline(tiny_sources, torch_dtype=torch.float32), variant="2511")
+    blocks = ed.pipe.dit.transformer_blocks
+    kept = ["img_mlp.net.0.proj", "attn.to_q"]
+    weights = [b.get_submodule(n).weight.clone() for b in blocks for n in kept]
+    with pytest.raises(ValueError, match="needs fp8=True"):
+        ed.speed_up(fp8_keep_bf16=kept)
+    with pytest.raises(ValueError, match="'img_mlp.net.0' is not a token linear"):
+        ed.speed_up(fp8=True, fp8_keep_bf16=["img_mlp.net.0"])
+    assert not ed.fp8 and not any(hasattr(m, "fp8_weight") for m in ed.pipe.dit.modules())
+    ed.speed_up(fp8=True, fp8_keep_bf16=kept)
+    assert ed.fp8 and ed.fp8_keep_bf16 == tuple(kept)
+    for b in blocks:
+        for n in DIT_TOKEN_LINEARS:
+            assert hasattr(b.get_submodule(n), "fp8_weight") == (n not in kept), n
+    assert all(torch.equal(w, b.get_submodule(n).weight) for w, (b, n) in
+               zip(weights, [(b, n) for b in blocks for n in kept]))
+    assert ed.edit(_request(), EditSettings(**FAST)).settings["fp8_keep_bf16"] == kept
+    ed.speed_up(fp8=True, fp8_keep_bf16=kept)  # the same again: nothing to do
+    with pytest.raises(ValueError, match="cannot change: build a new editor"):
+        ed.speed_up(fp8=True)

@@ -158,6 +158,17 @@ def test_fp8_linear_is_close_and_keeps_hot_loaded_lora():
     torch.testing.assert_close(lin(x).float() - out, delta, rtol=0.02, atol=0.05)
 
 
+def test_the_token_linear_names_are_the_dit_blocks():
+    """`DIT_TOKEN_LINEARS` (what the front ends check `--fp8-keep-bf16` against before a model loads) is what
+    `quantize_dit_fp8` finds in a block of the real block class."""
+    from diffsynth_edit.tiny import TinyQwenImageDiT
+
+    assert tuple(speedups.token_linear_names(TinyQwenImageDiT())) == speedups.DIT_TOKEN_LINEARS
+    speedups.check_keep_bf16(["img_mlp.net.0.proj", "attn.to_q"])
+    with pytest.raises(ValueError, match=r"'attn.to_out' is not a token linear of a DiT block; choose from attn.to_q"):
+        speedups.check_keep_bf16(["attn.to_q", "attn.to_out"])
+
+
 def test_fp8_fast_accumulation_reaches_the_matmul(monkeypatch):
     """The fast-accumulation switch is what `_scaled_mm` receives (the kernel itself needs Hopper: the call is
     recorded here, and the GPU bench measures its speed and error)."""

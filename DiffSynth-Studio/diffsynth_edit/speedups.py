@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -247,15 +247,41 @@ def set_fp8_fast_accum(dit: torch.nn.Module, on: bool) -> int:
     return len(linears)
 
 
-def quantize_dit_fp8(dit: torch.nn.Module, fast_accum: bool = False) -> int:
-    """fp8 for the blocks' token linears (attention projections and MLPs; not modulation, not in/out layers)."""
+# The token linears of a Qwen-Image DiT block (`token_linear_names` of the released architecture; a test holds the two
+# equal), for checking a `keep_bf16` list before any model is loaded.
+DIT_TOKEN_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                     "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                     "txt_mlp.net.2")
+
+
+def check_keep_bf16(keep_bf16: Sequence[str], names: Sequence[str] = DIT_TOKEN_LINEARS) -> None:
+    unknown = [n for n in keep_bf16 if n not in names]
+    if unknown:
+        raise ValueError(f"fp8 keep-bf16: {', '.join(map(repr, unknown))} is not a token linear of a DiT block; "
+                         f"choose from {', '.join(names)}")
+
+
+def token_linear_names(dit: torch.nn.Module) -> list[str]:
+    """The names, within one DiT block, of the linears `quantize_dit_fp8` turns to fp8 (attention projections and
+    MLPs; not modulation): what `keep_bf16` may name."""
+    block = dit.transformer_blocks[0]
+    return [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and "_mod" not in n]
+
+
+def quantize_dit_fp8(dit: torch.nn.Module, fast_accum: bool = False, keep_bf16: Sequence[str] = ()) -> int:
+    """fp8 for the blocks' token linears (attention projections and MLPs; not modulation, not in/out layers), except
+    those `keep_bf16` names (block-relative, e.g. "img_mlp.net.0.proj": of the kinds of linear, the image MLP's two
+    carry most of fp8's error, bench/RESULTS.md). Returns how many linears were quantised."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise RuntimeError("fp8 inference needs a CUDA GPU with fp8 tensor cores (Ada or Hopper)")
+    names = token_linear_names(dit)
+    check_keep_bf16(keep_bf16, names)
     count = 0
-    for name, module in dit.transformer_blocks.named_modules():
-        if isinstance(module, torch.nn.Linear) and "_mod" not in name and not hasattr(module, "fp8_weight"):
-            quantize_linear_fp8(module, fast_accum)
-            count += 1
+    for block in dit.transformer_blocks:
+        for name, module in block.named_modules():
+            if name in names and name not in keep_bf16 and not hasattr(module, "fp8_weight"):
+                quantize_linear_fp8(module, fast_accum)
+                count += 1
     return count
 
 

@@ -69,7 +69,10 @@ def build_editor(cfg, log: Callable[[str], None] = print) -> tuple[Editor, list[
     if low_memory_enabled(cfg):
         apply_low_memory(pipe.dit, cfg, device, pipe=pipe)
     if cfg.compile or cfg.fp8:
-        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8, fp8_fast_accum=cfg.fp8_fast_accum)
-        chosen = (("compiled blocks", cfg.compile), ("fp8", cfg.fp8), ("fast fp8 accumulation", cfg.fp8_fast_accum))
+        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8, fp8_fast_accum=cfg.fp8_fast_accum,
+                        fp8_keep_bf16=cfg.fp8_keep_bf16)
+        kept = f" ({', '.join(cfg.fp8_keep_bf16)} in bf16)" if cfg.fp8_keep_bf16 else ""
+        chosen = (("compiled blocks", cfg.compile), (f"fp8{kept}", cfg.fp8),
+                  ("fast fp8 accumulation", cfg.fp8_fast_accum))
         log(f"[app] speed-ups: {', '.join(name for name, on in chosen if on)}")
     return editor, notices

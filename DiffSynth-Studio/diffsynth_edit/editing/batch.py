@@ -55,7 +55,8 @@ def build_editor(cfg: ModelOptions):
         editor.set_extra_loras([lora_layer(path, pipe.dit, strength, name=str(path))
                                 for path, strength in map(parse_lora_spec, cfg.lora)])
     if cfg.compile or cfg.fp8:
-        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8, fp8_fast_accum=cfg.fp8_fast_accum)
+        editor.speed_up(compile_blocks=cfg.compile, fp8=cfg.fp8, fp8_fast_accum=cfg.fp8_fast_accum,
+                        fp8_keep_bf16=cfg.fp8_keep_bf16)
     return editor
 
 

@@ -105,6 +105,7 @@ class Editor:
         self._checkpoint_layer: LoRALayer | None = None
         self.fp8 = False
         self.fp8_fast_accum = False
+        self.fp8_keep_bf16: tuple[str, ...] = ()
         self.compiled = False
         self._side_stream: torch.cuda.Stream | None = None  # made on the first CUDA prepare (`_vae_stream`)
         if hot_swap:
@@ -253,18 +254,25 @@ class Editor:
         return cache[(width, height)]
 
     # ---- speed ---------------------------------------------------------------------------------------------------
-    def speed_up(self, compile_blocks: bool = False, fp8: bool = False, fp8_fast_accum: bool | None = None) -> None:
+    def speed_up(self, compile_blocks: bool = False, fp8: bool = False, fp8_fast_accum: bool | None = None,
+                 fp8_keep_bf16: Sequence[str] = ()) -> None:
         """Opt-in, CUDA: `fp8` runs the DiT blocks' linears as fp8 matmuls (approximate; a hot-loaded LoRA stays
-        bf16); `fp8_fast_accum` (with `fp8`; None leaves it as it is) lets Hopper's fp8 GEMMs promote partial sums
-        to fp32 less often (bench/RESULTS.md: faster, no measurable added error); `compile_blocks` compiles each DiT
-        block with torch.compile (the first edit at a new size compiles, about a minute for the full model). The VAE
-        is left eager: compiled, it recompiles for most new image sizes (see `speedups.compile_vae`), and every mask
-        box gives the sub stream a new size."""
+        bf16) except the block linears `fp8_keep_bf16` names (e.g. "img_mlp.net.0.proj", the one that carries the
+        most fp8 error); `fp8_fast_accum` (with `fp8`; None leaves it as it is) lets Hopper's fp8 GEMMs promote
+        partial sums to fp32 less often (bench/RESULTS.md: faster, no measurable added error); `compile_blocks`
+        compiles each DiT block with torch.compile (the first edit at a new size compiles, about a minute for the
+        full model). The VAE is left eager: compiled, it recompiles for most new image sizes (see
+        `speedups.compile_vae`), and every mask box gives the sub stream a new size."""
         if fp8_fast_accum and not (fp8 or self.fp8):
             raise ValueError("fp8_fast_accum changes how the fp8 matmuls accumulate: it needs fp8=True")
+        if fp8_keep_bf16 and not fp8:
+            raise ValueError("fp8_keep_bf16 names linears to leave out of fp8: it needs fp8=True")
+        if fp8 and self.fp8 and tuple(fp8_keep_bf16) != self.fp8_keep_bf16:
+            raise ValueError(f"the DiT is already fp8 with {list(self.fp8_keep_bf16)} kept in bf16; the bf16 weights "
+                             "of the others are gone, so that cannot change: build a new editor")
         if fp8 and not self.fp8:
-            quantize_dit_fp8(self.pipe.dit, fast_accum=bool(fp8_fast_accum))
-            self.fp8, self.fp8_fast_accum = True, bool(fp8_fast_accum)
+            quantize_dit_fp8(self.pipe.dit, fast_accum=bool(fp8_fast_accum), keep_bf16=fp8_keep_bf16)
+            self.fp8, self.fp8_fast_accum, self.fp8_keep_bf16 = True, bool(fp8_fast_accum), tuple(fp8_keep_bf16)
         elif fp8_fast_accum is not None and fp8_fast_accum != self.fp8_fast_accum:
             set_fp8_fast_accum(self.pipe.dit, fp8_fast_accum)  # compiled blocks recompile: the flag is guarded
             self.fp8_fast_accum = fp8_fast_accum
@@ -356,6 +364,7 @@ class Editor:
         info = asdict(settings) | {"mode": "bridge" if self.bridge else "plain", "variant": self.variant,
                                    "zero_cond_t": self.zero_cond_t, "size": list(prep.size), "fp8": self.fp8,
                                    "fp8_fast_accum": self.fp8_fast_accum,
+                                   "fp8_keep_bf16": list(self.fp8_keep_bf16),
                                    "dit_activation": self.activation,
                                    "box": list(prep.box.to_subyx()),
                                    "checkpoint": str(self.checkpoint.path) if self.checkpoint else None,
