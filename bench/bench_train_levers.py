@@ -309,7 +309,8 @@ def main() -> int:
         **{f"r32cb{round(b * 100):02d}f8": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16,
                                             b, True) for b in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)},
         "defcf8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, None, True),
-        "defcb30f8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, 0.3, True),
+        **{f"defcb{round(b * 100):02d}f8": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16,
+                                            b, True) for b in (0.02, 0.05, 0.1, 0.2, 0.3)},
     }
     defaults = (torch.bfloat16, None, False)  # tdtype, budget, fp8 when a row leaves them out
     table = {k: v + defaults[len(v) - 6:] for k, v in table.items()}
