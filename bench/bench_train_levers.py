@@ -298,6 +298,7 @@ def main() -> int:
         "defc": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None),
         "defc40": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, 40),
         "defc32": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.float32),
+        "defc32b10": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.float32, 0.1),
         **{f"r32cb{round(b * 100):02d}": ("plain", 32, LORA_TARGETS_UPSTREAM, "adamw", True, None, torch.bfloat16, b)
            for b in (0.05, 0.1, 0.2, 0.3, 0.5)},
         **{f"defcb{round(b * 100):02d}": ("bridge", 512, LORA_TARGETS_2511, "prodigy", True, None, torch.bfloat16, b)

@@ -36,11 +36,12 @@ run() {  # run SECONDS CMD...: the command under a time limit, its exit status r
 
 FLAGS=("$@")
 case "$GROUP" in
-  train-fp8)  # target 1 on the H200: fp8 matmuls + partitioner budget on the r32 step (H100 rows: RESULTS session 11)
+  train-fp8)  # target 1 on the H200: fp8 matmuls + partitioner budget on the r32 step (H100: RESULTS sessions 11, 12)
     run 580 python3 bench_train_levers.py --cases up,r32cb30,r32cb20f8,r32cb20f8sa,r32cb10f8sa,r32cb30sa --profile r32cb20f8sa ;;
-  default)  # target 2: the shipped default with fp32 trainables, with fp8 matmuls; the LBM step
-    run 400 python3 bench_train_levers.py --cases defc,defc32,defcf8
-    run 180 python3 bench_lbm.py --only-train --train-dtype bf16 --train-compile ;;
+  default)  # target 2: the shipped default as the presets run it (budget 0.1 + save_attention), with fp32
+    # trainables and with fp8 matmuls, every block recomputing as the baseline; the LBM step (H100: session 12)
+    run 460 python3 bench_train_levers.py --cases defc,defcb10sa,defcb10f8sa,defc32b10sa
+    run 120 python3 bench_lbm.py --only-train --train-dtype bf16 --train-compile ;;
   edit)  # target 3: 40-step edits, compiled + fp8 with and without fast accumulation; upstream in the same call
     run 580 python3 bench_dit_forward.py --fast-loop --skip-bridge-loop --skip-sequential-cfg ;;
   lowmem)  # the low-memory Prodigy rows and the eager default after the batched optimizer

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from edit_data import make_edit_dataset
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tiny_root, tmp_path_factory):
@@ -206,6 +208,32 @@ def test_recompute_budget_flags_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**kw).validate()
     TrainConfig(recompute_budget=0.3, compile_blocks=True).validate()
+
+
+@pytest.mark.parametrize("preset", ["train_2511", "train_2509", "train_2511_24g", "train_2511_48g", "lbm_2511"])
+def test_shipped_training_presets_are_valid(preset):
+    from diffsynth_edit.config import parse_config
+    from diffsynth_edit.training.config import TrainConfig
+
+    cfg = parse_config(TrainConfig, ["--preset", str(REPO / "configs" / f"{preset}.toml"), "--cache-dir", "c"],
+                       section="train")
+    speed = (cfg.compile_blocks, cfg.recompute_budget, cfg.save_attention)
+    assert speed == ((True, 0.1, True) if preset in ("train_2511", "train_2509") else (False, None, False))
+
+
+def test_compile_turned_off_on_the_preset_names_the_flags_to_drop(capsys):
+    """The 2511 preset's recompute budget needs compiled blocks: `--compile-blocks false` alone (as for ZeRO-3) is
+    refused with the flags that turn the budget off, and those flags give a valid config."""
+    from diffsynth_edit.config import parse_config
+    from diffsynth_edit.training.config import TrainConfig
+
+    argv = ["--preset", str(REPO / "configs" / "train_2511.toml"), "--cache-dir", "c", "--compile-blocks", "false"]
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, argv, section="train")
+    assert "also pass --recompute-budget none --save-attention false" in capsys.readouterr().err
+    cfg = parse_config(TrainConfig, argv + ["--recompute-budget", "none", "--save-attention", "false"],
+                       section="train")
+    assert (cfg.compile_blocks, cfg.recompute_budget, cfg.save_attention) == (False, None, False)
 
 
 def test_variant_flag_must_match_manifest(cache_dir, tiny_root, tmp_path):

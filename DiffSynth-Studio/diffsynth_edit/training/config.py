@@ -57,7 +57,8 @@ class TrainConfig:
     save_attention: bool = field(default=False, metadata={
         "help": "with recompute_budget: the partitioner weighs the cuDNN attention forward's runtime before "
                 "recomputing it (torch lists it with neither the GEMMs nor flash attention, so below a budget it "
-                "recomputes it as if free). Costs the attention outputs' memory; not yet measured on a GPU"})
+                "recomputes it as if free). The shipped default at budget 0.1: 1.87 s/step at 70.1 GiB vs 2.14 s at "
+                "68.0 GiB with every block recomputed (H100, bench/RESULTS.md session 12)"})
     trainable_dtype: Literal["fp32", "bf16"] = "fp32"
     fp8_matmuls: bool = field(default=False, metadata={
         "help": "compute the frozen DiT blocks' token linears (attention projections, MLPs) in fp8 on the tensor "
@@ -146,9 +147,11 @@ class TrainConfig:
                 raise ConfigError(f"--recompute-budget must be in [0, 1], got {self.recompute_budget}")
             if not self.compile_blocks:
                 raise ConfigError("--recompute-budget needs --compile-blocks (the compiled blocks' partitioner "
-                                  "chooses what to recompute)")
+                                  "chooses what to recompute); without compiled blocks also pass --recompute-budget "
+                                  "none --save-attention false (the 2511/2509 presets set both)")
             if self.checkpoint_last_n is not None:
-                raise ConfigError("--recompute-budget replaces block checkpointing; drop --checkpoint-last-n")
+                raise ConfigError("--recompute-budget replaces block checkpointing: drop --checkpoint-last-n, or "
+                                  "pass --recompute-budget none --save-attention false to use it")
         elif self.save_attention:
             raise ConfigError("--save-attention tells the partitioner of --recompute-budget what to keep: give "
                               "--recompute-budget (and --compile-blocks)")

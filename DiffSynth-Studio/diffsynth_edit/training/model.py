@@ -160,6 +160,7 @@ def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.devic
     if cfg.compile_blocks:
         if zero3:
             raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
-                                "hooks run inside the blocks); use DDP or ZeRO-2, or compile_blocks = false")
+                                "hooks run inside the blocks); use DDP or ZeRO-2, or pass --compile-blocks false "
+                                "--recompute-budget none --save-attention false")
         compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget, save_attention=cfg.save_attention)
     return pipe, EditTrainModel(dit, ste, cfg, zero_cond_t, vae=pipe.vae), params
