@@ -7,3 +7,7 @@ export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1
 export WANDB_PROJECT="${WANDB_PROJECT:-qwen-image}"
 if [ -z "${WANDB_API_KEY:-}" ] && [ ! -f "$HOME/.netrc" ]; then export WANDB_MODE="${WANDB_MODE:-offline}"; fi
 export PYTHONUNBUFFERED=1
+# On SIGTERM/SIGINT a training run saves its resume state before it exits (docs/training.md); torchrun, under
+# `accelerate launch` with several processes, kills its workers this many seconds after forwarding the signal
+# (torch's default: 30 s, too short to save a rank-512 LoRA with its Prodigy state).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"

@@ -46,8 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, script: list[str], env_extra: dict | None = None, expect_kill: bool = False) -> str:
-    """`accelerate launch --config_file CONFIG --num_processes 2 SCRIPT...` on the CPU; returns its output."""
+def launch(config: Path, script: list[str], env_extra: dict | None = None, expect_kill: bool = False,
+           expect_failure: str | None = None) -> str:
+    """`accelerate launch --config_file CONFIG --num_processes 2 SCRIPT...` on the CPU; returns its output.
+    `expect_kill`: the run must fail with a SIGKILL; `expect_failure`: it must fail with this text in its output."""
     accelerate = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                **(env_extra or {}))
@@ -55,8 +57,8 @@ def launch(config: Path, script: list[str], env_extra: dict | None = None, expec
            "--main_process_port", str(free_port()), *script]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = res.stdout + res.stderr
-    if expect_kill:
-        assert res.returncode != 0 and "SIGKILL" in log, log[-4000:]
+    if expect_kill or expect_failure:
+        assert res.returncode != 0 and (expect_failure or "SIGKILL") in log, log[-4000:]
     else:
         assert res.returncode == 0, log[-6000:]
     return log
@@ -141,6 +143,27 @@ def test_two_processes_match_one_and_resume_after_sigkill(mode, cache_dir, tiny_
     assert state["step"] == 4
     assert state["deepspeed"] == (None if mode == "ddp" else {"stage": 2, "world_size": 2})
     assert not list((tmp_path / "cut").glob(".state-*"))
+
+
+@pytest.mark.slow
+def test_a_stop_signal_on_one_process_stops_both_at_the_same_micro_batch(cache_dir, tiny_root, tmp_path):  # noqa: F811
+    """SIGTERM to rank 1 only, after its third micro-batch (step 2 half done): both processes leave before the next
+    one (rank 0 would otherwise wait in the next backward's all-reduce), the state of step 1 is saved, and the run
+    resumed from it ends with the uninterrupted run's weights."""
+    from diffsynth_edit.training.faults import SIGNAL_ENV
+
+    args = dict(optimizer="adamw", learning_rate=1e-3, gradient_accumulation=2, max_steps=3, save_every=2)
+    train = str(REPO / "train_2511.py")
+    launch(CONFIGS["ddp"], [train, "train", *train_args(cache_dir, tiny_root, tmp_path, "full", **args)])
+    launch(CONFIGS["ddp"], [train, "train", *train_args(cache_dir, tiny_root, tmp_path, "cut", **args)],
+           env_extra={SIGNAL_ENV: "SIGTERM:3:1"},
+           expect_failure="stopped by a signal on another process before step 2 finished; the resume state of step 1")
+    assert json.loads((tmp_path / "cut" / "state" / "trainer.json").read_text())["step"] == 1
+    launch(CONFIGS["ddp"], [train, "train", *train_args(cache_dir, tiny_root, tmp_path, "cut", resume="true",
+                                                        **args)])
+    full, cut = (load_file(str(tmp_path / r / "step-000003.safetensors")) for r in ("full", "cut"))
+    change = max_diff(full, load_file(str(tmp_path / "full" / "step-000002.safetensors")))
+    assert max_diff(cut, full) <= RESUME_TOL * change, (max_diff(cut, full), change)
 
 
 @pytest.mark.slow

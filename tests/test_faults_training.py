@@ -3,6 +3,7 @@ that load without pickle, and a full or read-only output folder during training.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -68,6 +69,64 @@ def test_prodigy_run_killed_then_resumed_equals_uninterrupted(cache_dir, tiny_ro
     assert sf.keys() == sr.keys()
     for k in sf:
         assert sf[k].dtype == sr[k].dtype and torch.equal(sf[k], sr[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, after_micro, stopped_at", [("SIGTERM", 5, 2), ("SIGINT", 4, 2)])
+def test_stop_signal_saves_the_last_finished_step_and_resume_equals_uninterrupted(
+        cache_dir, tiny_root, tmp_path, capsys, signal_name, after_micro, stopped_at):  # noqa: F811
+    """SIGTERM (a preemption) or SIGINT (Ctrl-C) during a run: it stops before the next micro-batch, writes the
+    resume state of the last finished step (SIGTERM after micro-batch 5 of steps of 2: step 3 is dropped half done;
+    SIGINT after micro-batch 4: at a step boundary), exits with the signal's code; `--resume` then ends with the
+    uninterrupted run's weights, bit for bit (the data position goes back to the dropped step's start)."""
+    from diffsynth_edit.training.faults import SIGNAL_ENV
+
+    kw = dict(optimizer="prodigy", learning_rate=None, trainable_dtype="bf16", max_steps=5, save_every=100,
+              gradient_accumulation=2)
+    _, full = run(make_cfg(cache_dir, tiny_root, tmp_path / "full", **kw))
+    code = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+            "from diffsynth_edit.training.cli import main_train; sys.exit(main_train(sys.argv[2:]))")
+    argv = cli_args(cache_dir, tiny_root, tmp_path / "cut", **kw)
+    proc = subprocess.run([sys.executable, "-c", code, str(TESTS), *argv],
+                          env=os.environ | {SIGNAL_ENV: f"{signal_name}:{after_micro}"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + getattr(signal, signal_name), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"stopped by {signal_name} before step {stopped_at + 1} finished; the resume state of step "
+            f"{stopped_at} is in") in proc.stderr
+    state = tmp_path / "cut" / "run" / "state"
+    assert json.loads((state / "trainer.json").read_text())["step"] == stopped_at
+    assert not list((tmp_path / "cut" / "run").glob("step-*.safetensors"))  # save_every 100: only the state
+    code_, err = train_cli(argv + ["--resume"], capsys)
+    assert code_ == 0, err
+    sf, sr = load_file(str(full)), load_file(str(tmp_path / "cut" / "run" / "step-000005.safetensors"))
+    assert sf.keys() == sr.keys()
+    for k in sf:
+        assert torch.equal(sf[k], sr[k]), k
+
+
+def test_stop_requests_records_the_first_signal_and_stops_at_the_second(monkeypatch):
+    """The first SIGTERM/SIGINT is recorded; a repeat within the launcher-echo window too (torchrun forwards the
+    signal its workers got from the terminal or scheduler already); one after it stops at once."""
+    from diffsynth_edit import lifetime
+    from diffsynth_edit.lifetime import Terminated, stop_requests
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with stop_requests() as stop:
+        assert not stop.requested and stop.exit_code == 1
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == "SIGTERM" and stop.exit_code == 143
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's echo: still only recorded
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGTERM"
+        monkeypatch.setattr(lifetime, "_ECHO_SECONDS", 0.0)
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == "SIGINT" and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_restored_optimizer_state_keeps_saved_dtypes():

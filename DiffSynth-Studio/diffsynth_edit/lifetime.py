@@ -1,5 +1,6 @@
-"""Process lifetime: worker processes that die with their parent, a parent that stops cleanly on SIGTERM, temporary
-folders that a killed run leaves behind removed by the next run, and a readable cause of a worker's death.
+"""Process lifetime: worker processes that die with their parent, a parent that stops cleanly on SIGTERM, a long job
+that stops where it can save on the first SIGTERM/SIGINT (`stop_requests`), temporary folders that a killed run
+leaves behind removed by the next run, and a readable cause of a worker's death.
 
 Linux: a worker asks the kernel for SIGKILL when its parent dies (`prctl(PR_SET_PDEATHSIG)`). Elsewhere (and as a
 second guard) a daemon thread polls the parent pid and exits the worker when the parent is gone.
@@ -88,6 +89,61 @@ def sigterm_raises() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class StopRequest:
+    """What `stop_requests` hands out: `signal` is the name of the first stop signal received, None until then."""
+
+    exit_codes = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        return self.exit_codes.get(self.signal or "", 1)
+
+
+# A launcher (torchrun, `accelerate launch`) forwards the SIGTERM/SIGINT it gets to its workers, which got the same
+# signal from the terminal or the scheduler already: a repeat this soon after the first is that echo, not a second
+# request.
+_ECHO_SECONDS = 2.0
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Within the block, the first SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) is only recorded: the caller
+    polls `request.requested` and stops where it can save. A second one, later than a launcher's echo of the first,
+    stops at once (SIGINT: KeyboardInterrupt, SIGTERM: `Terminated`). The previous handlers come back after; a no-op
+    outside the main thread."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    first_at = 0.0
+
+    def handler(signum, frame):
+        nonlocal first_at
+        if request.signal is None:
+            request.signal, first_at = signal.Signals(signum).name, time.monotonic()
+            return
+        if time.monotonic() - first_at < _ECHO_SECONDS:
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _pid_alive(pid: int) -> bool:

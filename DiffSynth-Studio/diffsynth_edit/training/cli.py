@@ -19,7 +19,7 @@ def main_train(argv: list[str] | None = None, objective: str | None = None, prog
     from ..checkpoint import CheckpointError
     from ..loading import MissingWeightsError
     from ..variants import VariantMismatchError
-    from .faults import TrainingError
+    from .faults import TrainingError, TrainingStopped
     from .loop import train
     from .state_io import StateFileError
 
@@ -29,6 +29,10 @@ def main_train(argv: list[str] | None = None, objective: str | None = None, prog
             StateFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -9,10 +9,31 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 KILL_ENV = "DIFFSYNTH_EDIT_TRAIN_TEST_KILL"  # crash tests: "step:<n>" or "state-swap:<n>" (atomic.kill_point)
+SIGNAL_ENV = "DIFFSYNTH_EDIT_TRAIN_TEST_SIGNAL"  # stop tests: "<SIGTERM|SIGINT>:<n>[:<rank>]"
+
+
+def signal_point(micro_batches: int) -> None:
+    """Stop tests: send this process the signal `SIGNAL_ENV` names once `micro_batches` (counted from 1 in this
+    process) reaches its count; with a rank, only in that process of a multi-process run (no-op otherwise)."""
+    spec = os.environ.get(SIGNAL_ENV)
+    if spec:
+        name, n, *rank = spec.split(":")
+        if int(n) == micro_batches and (not rank or rank[0] == os.environ.get("RANK", "0")):
+            os.kill(os.getpid(), getattr(signal, name))
+
+
+class TrainingStopped(Exception):
+    """A stop signal arrived and the run saved its resume state: `exit_code` is the signal's (143, 130)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TrainingError(RuntimeError):

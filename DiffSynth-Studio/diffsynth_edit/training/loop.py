@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from ..atomic import atomic_write_json, kill_point
 from ..checkpoint import write_checkpoint
 from ..config import config_to_dict
+from ..lifetime import StopRequest, stop_requests
 from .build import TrainingRun
 from .config import TrainConfig
 from .data import collate, sample_generator
-from .faults import KILL_ENV, TrainingError
+from .faults import KILL_ENV, TrainingError, TrainingStopped, signal_point
 from .logger import RunLogger
 from .losses import make_lbm_inputs, make_sft_inputs
 from .optim import base_optimizer, effective_lr
@@ -74,6 +76,8 @@ class Trainer(TrainingRun):
 
         cfg = self.cfg
         resumed = cfg.resume and load_resume_state(self)
+        self.state_step = self.step if resumed else 0  # the step of the resume state on disk (0: none)
+        self.micro_batches = 0
         if cfg.resume and not resumed:
             self._print(f"[train] --resume: no state in {self.run_dir / 'state'}, starting fresh")
         if self.main:
@@ -91,27 +95,33 @@ class Trainer(TrainingRun):
         t0, samples = time.time(), 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while self.step < cfg.max_steps:
-            losses, n, grad_norm, step_lr = self.optimizer_step()
-            samples += n
-            self.step += 1
-            # Means over all ranks' micro-batches (each rank's own mean would log rank 0's share only).
-            loss_v, main_v, sub_v = self.accelerator.reduce(losses, reduction="mean").tolist()
-            running = loss_v if running is None else 0.9 * running + 0.1 * loss_v
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                dt = time.time() - t0
-                logger.log(self.step, {
-                    "loss": loss_v, "loss_main": main_v,
-                    "loss_sub": sub_v if cfg.mode == "bridge" else "",
-                    "lr": step_lr, "grad_norm": grad_norm,
-                    "samples_per_s": samples / max(dt, 1e-9),
-                    "peak_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-                                     if self.device.type == "cuda" else "")})
-                t0, samples = time.time(), 0
-            last_path = self.save_and_validate(logger) or last_path
-            kill_point(KILL_ENV, "step", self.step)
+        with stop_requests() as stop:
+            while self.step < cfg.max_steps:
+                start = self.stream.state_dict()
+                done = self.optimizer_step(stop)
+                if done is None:  # a stop signal: the step in progress is dropped, the data goes back to its start
+                    self.stream.load_state_dict(start)
+                    self.stop_and_save(stop, logger, bar)
+                losses, n, grad_norm, step_lr = done
+                samples += n
+                self.step += 1
+                # Means over all ranks' micro-batches (each rank's own mean would log rank 0's share only).
+                loss_v, main_v, sub_v = self.accelerator.reduce(losses, reduction="mean").tolist()
+                running = loss_v if running is None else 0.9 * running + 0.1 * loss_v
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    dt = time.time() - t0
+                    logger.log(self.step, {
+                        "loss": loss_v, "loss_main": main_v,
+                        "loss_sub": sub_v if cfg.mode == "bridge" else "",
+                        "lr": step_lr, "grad_norm": grad_norm,
+                        "samples_per_s": samples / max(dt, 1e-9),
+                        "peak_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                                         if self.device.type == "cuda" else "")})
+                    t0, samples = time.time(), 0
+                last_path = self.save_and_validate(logger) or last_path
+                kill_point(KILL_ENV, "step", self.step)
         bar.close()
         curve = logger.finish()
         if curve is not None:
@@ -119,15 +129,19 @@ class Trainer(TrainingRun):
         self._print(f"[train] done: {last_path}")
         return last_path
 
-    def optimizer_step(self) -> tuple[torch.Tensor, int, float, float]:
+    def optimizer_step(self, stop: StopRequest) -> tuple[torch.Tensor, int, float, float] | None:
         """One optimizer step over `gradient_accumulation` micro-batches: (this rank's mean loss, main loss and sub
-        loss, stacked; the samples seen by all ranks; the gradient norm; the learning rate the step used)."""
+        loss, stacked; the samples seen by all ranks; the gradient norm; the learning rate the step used). None when
+        a stop signal came before one of its micro-batches (weights and optimizer are then as the last step left
+        them: the gradients accumulated so far are dropped)."""
         cfg = self.cfg
         acc_loss = torch.zeros((), device=self.device)
         acc_main = torch.zeros((), device=self.device)
         acc_sub = torch.zeros((), device=self.device)
         samples, grad_norm, step_lr = 0, float("nan"), float("nan")
         for _ in range(cfg.gradient_accumulation):
+            if self.stop_agreed(stop):
+                return None
             batch, noised = self.micro_batch()
             with self.accelerator.accumulate(self.model):
                 loss, lm, ls = self.model(batch, noised)
@@ -149,7 +163,30 @@ class Trainer(TrainingRun):
                     step_lr = effective_lr(base_optimizer(self.optimizer))  # the lr this step used
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+            self.micro_batches += 1
+            signal_point(self.micro_batches)
         return torch.stack([acc_loss, acc_main, acc_sub]), samples, grad_norm, step_lr
+
+    def stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any process got a stop signal. All processes leave at the same micro-batch: one that went on would
+        wait in the next backward's collectives for those that left."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def stop_and_save(self, stop: StopRequest, logger: RunLogger, bar) -> NoReturn:
+        """After a stop signal: the resume state of the last finished step (unless it is saved already), then
+        `TrainingStopped` with the signal's exit code."""
+        bar.close()
+        if self.step > self.state_step:
+            save_resume_state(self)
+            self.state_step = self.step
+        logger.finish()
+        what = (f"the resume state of step {self.step} is in {self.run_dir / 'state'}: run the same command with "
+                f"--resume to go on" if self.step > 0 else "no step had finished, nothing to save")
+        raise TrainingStopped(f"[train] stopped by {stop.signal or 'a signal on another process'} before step "
+                              f"{self.step + 1} finished; {what}", stop.exit_code)
 
     def save_and_validate(self, logger: RunLogger) -> Path | None:
         """At a save or validation step: the checkpoint and the validation grid from the eval view, then the resume
@@ -167,6 +204,7 @@ class Trainer(TrainingRun):
             self.train_view()
             if save_now:
                 save_resume_state(self)
+                self.state_step = self.step
         return path
 
     def _params(self):
