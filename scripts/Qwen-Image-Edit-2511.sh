@@ -30,5 +30,10 @@ launch() {
 echo "== phase 1: cache $DATASET -> $CACHE_PATH"
 launch train_2511.py cache --dataset "$DATASET" --cache-dir "$CACHE_PATH" --variant "$VARIANT" --model-root "$MODEL_ROOT"
 echo "== phase 2: train -> $OUTPUT_PATH/$RUN_NAME"
+SPEED=()
+if [ "$NUM_GPUS" -gt 1 ] && uses_zero3 "$ACCELERATE_CONFIG"; then
+  SPEED=("${zero3_training_flags[@]}")
+  echo "== ZeRO-3: the DiT blocks run uncompiled (${SPEED[*]})"
+fi
 launch train_2511.py train --preset "$PRESET" --cache-dir "$CACHE_PATH" --model-root "$MODEL_ROOT" \
-  --output-dir "$OUTPUT_PATH" --run-name "$RUN_NAME" --resume "$@"
+  --output-dir "$OUTPUT_PATH" --run-name "$RUN_NAME" --resume "${SPEED[@]}" "$@"

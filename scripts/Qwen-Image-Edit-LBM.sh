@@ -18,6 +18,10 @@ PRESET="${PRESET:-configs/lbm_2511.toml}"
 export WANDB_NAME="${WANDB_NAME:-$RUN_NAME}"
 EXTRA=()
 [ -n "${INIT_FROM:-}" ] && EXTRA+=(--init-from "$INIT_FROM")
+if uses_zero3 "$ACCELERATE_CONFIG"; then
+  EXTRA+=("${zero3_training_flags[@]}")
+  echo "== ZeRO-3: the DiT blocks run uncompiled (${zero3_training_flags[*]})"
+fi
 ARGS=(train_lbm.py --preset "$PRESET" --cache-dir "$CACHE_PATH" --model-root "$MODEL_ROOT" --output-dir "$OUTPUT_PATH"
       --run-name "$RUN_NAME" --resume "${EXTRA[@]}" "$@")
 if [ "$NUM_GPUS" -gt 1 ] || [[ "$ACCELERATE_CONFIG" == *zero* ]]; then

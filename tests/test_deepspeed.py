@@ -120,3 +120,25 @@ def test_zero_trains_saves_and_resumes(stage, trainable_dtype, cache_dir, tiny_r
 
     with pytest.raises(TrainingError, match=r"written under DeepSpeed .*stage.*this run is without DeepSpeed"):
         run(make_cfg(cache_dir, tiny_root, tmp_path, run_name="cut", resume=True, max_steps=4))
+
+
+@pytest.mark.slow
+def test_lbm_script_under_zero3_runs_the_compiling_preset_uncompiled(cache_dir, tiny_root, tmp_path):  # noqa: F811
+    """`scripts/Qwen-Image-Edit-LBM.sh` with a ZeRO-3 accelerate config: the LBM preset compiles the DiT blocks, which
+    ZeRO-3 refuses, so the script turns compilation (and the recompute budget made for it) off, says so, and the run
+    trains and saves."""
+    config = zero3_test_config(tmp_path)
+    env = dict(os.environ, PYTHON=sys.executable, MODEL_ROOT=str(tiny_root), CACHE_PATH=str(cache_dir),
+               OUTPUT_PATH=str(tmp_path / "out"), RUN_NAME="lbm", NUM_GPUS="1", ACCELERATE_CONFIG=str(config),
+               DS_ACCELERATOR="cpu", WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    res = subprocess.run(["bash", str(REPO / "scripts" / "Qwen-Image-Edit-LBM.sh"), "--max-steps", "1",
+                          "--lora-rank", "4", "--gradient-accumulation", "1", "--wandb", "false",
+                          "--validate-every", "0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-5000:]
+    assert "== ZeRO-3: the DiT blocks run uncompiled (--compile-blocks false --recompute-budget none " in log
+    assert (tmp_path / "out" / "lbm" / "step-000001.safetensors").is_file()
+    config_used = json.loads((tmp_path / "out" / "lbm" / "config.json").read_text())
+    assert config_used["objective"] == "lbm" and config_used["compile_blocks"] is False
+    assert config_used["recompute_budget"] is None and config_used["lora_rank"] == 4
+

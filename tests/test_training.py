@@ -218,7 +218,7 @@ def test_shipped_training_presets_are_valid(preset):
     cfg = parse_config(TrainConfig, ["--preset", str(REPO / "configs" / f"{preset}.toml"), "--cache-dir", "c"],
                        section="train")
     speed = (cfg.compile_blocks, cfg.recompute_budget, cfg.save_attention)
-    assert speed == ((True, 0.1, True) if preset in ("train_2511", "train_2509") else (False, None, False))
+    assert speed == ((True, 0.1, True) if preset in ("train_2511", "train_2509", "lbm_2511") else (False, None, False))
 
 
 def test_compile_turned_off_on_the_preset_names_the_flags_to_drop(capsys):
