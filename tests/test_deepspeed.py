@@ -122,6 +122,24 @@ def test_zero_trains_saves_and_resumes(stage, trainable_dtype, cache_dir, tiny_r
         run(make_cfg(cache_dir, tiny_root, tmp_path, run_name="cut", resume=True, max_steps=4))
 
 
+def test_uses_zero3_reads_accelerate_configs_and_their_deepspeed_json(tmp_path):
+    """The scripts' ZeRO-3 test (`uses_zero3` in scripts/env.sh): the shipped configs, an inline `zero_stage: 3`, and a
+    config whose DeepSpeed JSON says stage 3 under a name that does not."""
+    inline = tmp_path / "inline.yaml"
+    inline.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload: none\n")
+    inline_2 = tmp_path / "inline2.yaml"
+    inline_2.write_text("deepspeed_config:\n  zero_stage: 2\n")
+    renamed = tmp_path / "big.yaml"
+    renamed.write_text((REPO / "configs" / "accelerate_zero3.yaml").read_text().replace(
+        "configs/ds_zero3.json", f'"{REPO / "configs" / "ds_zero3.json"}"'))
+    expected = {REPO / "configs" / "accelerate_ddp.yaml": False, REPO / "configs" / "accelerate_zero2.yaml": False,
+                REPO / "configs" / "accelerate_zero3.yaml": True, inline: True, inline_2: False, renamed: True}
+    for config, zero3 in expected.items():
+        res = subprocess.run(["bash", "-c", 'source scripts/env.sh && uses_zero3 "$1"', "-", str(config)], cwd=REPO,
+                             capture_output=True, text=True)
+        assert (res.returncode == 0) == zero3, (config, res.returncode, res.stderr)
+
+
 @pytest.mark.slow
 def test_lbm_script_under_zero3_runs_the_compiling_preset_uncompiled(cache_dir, tiny_root, tmp_path):  # noqa: F811
     """`scripts/Qwen-Image-Edit-LBM.sh` with a ZeRO-3 accelerate config: the LBM preset compiles the DiT blocks, which
