@@ -55,6 +55,45 @@ def test_dead_worker_is_reported_and_the_build_finishes(tmp_path):
     assert ids(out) == raw.stems and "(1 built, 5 up to date)" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_build_with_one_line_and_the_rerun_reuses_finished_samples(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a worker waits on sample_0003 and the
+    others are done: exit 130 with one line and no traceback (the workers ignore SIGINT; the parent stops them), the
+    JSON is not written, no temporary file is left, and the re-run builds only sample_0003."""
+    import signal
+    import time
+
+    from diffsynth_edit.dataset.workers import PAUSE_ENV
+    from fs_faults import tmp_files
+
+    raw = make_sample_data(tmp_path / "raw", count=5, size=64, seed=1)
+    out = tmp_path / "out" / "ds.json"
+    cmd = [sys.executable, str(REPO / "generate_dataset_json_mp.py"), "build", *raw.build_args(), "--out", str(out),
+           "--progress", "false", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, PAUSE_ENV: "sample_0003"})
+    try:
+        deadline = time.monotonic() + 120
+        others = [s for s in raw.stems if s != "sample_0003"]
+        while not all(list(out.parent.rglob(f"{s}.png")) for s in others):
+            assert time.monotonic() < deadline and proc.poll() is None, "the other samples were not built"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    lines = error_lines(err)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and "stopped by SIGINT (Ctrl-C)" in lines[0] and str(out) in lines[0], err
+    assert not out.exists() and not tmp_files(out.parent)
+
+    r = build(raw, out, "--workers", 2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ids(out) == raw.stems and "(1 built, 4 up to date)" in r.stdout, r.stdout
+
+
 def _fork_a_worker_on_one_sample(tmp_path, monkeypatch, process_sample, started: Path):
     """A dataset-build worker forked with `process_sample` in place of the real one, sent one sample `s1`; returned
     once `process_sample` has touched `started`."""

@@ -3,6 +3,7 @@ folder must not outlive it) and a full or read-only cache folder (one line, exit
 and 5."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -48,11 +49,12 @@ def _wait_until(cond, what: str, limit: float = 240.0) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_stopped_run_leaves_no_workers_and_resumes(tiny_root, tmp_path, sig):
-    """A cache run with process workers, stopped after 2 of 6 samples: its workers end with it; SIGTERM exits 143
-    with one line and removes the temporary folder, after SIGKILL the next run removes it; the re-run encodes only
-    the rest and `verify` passes."""
+    """A cache run with process workers, stopped after 2 of 6 samples: its workers end with it; SIGTERM exits 143 and
+    Ctrl-C (SIGINT to the whole process group, as a terminal sends it) 130, each with one line and no traceback, and
+    remove the temporary folder; after SIGKILL the next run removes it; the re-run encodes only the rest and `verify`
+    passes."""
     dataset = simple_dataset(tmp_path / "data", n=6)
     cache, log, tmpdir = tmp_path / "cache", tmp_path / "writes.log", tmp_path / "tmp"
     tmpdir.mkdir()
@@ -61,7 +63,7 @@ def test_stopped_run_leaves_no_workers_and_resumes(tiny_root, tmp_path, sig):
     env = sub_env(TMPDIR=tmpdir, DIFFSYNTH_EDIT_CACHE_TEST_LOG=log)
     proc = subprocess.Popen([sys.executable, str(REPO / "train_2511.py"), *args], cwd=REPO, text=True,
                             env={**env, "DIFFSYNTH_EDIT_CACHE_TEST_PAUSE": "2"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 2 or proc.poll() is not None,
                     "two written samples")
@@ -69,16 +71,19 @@ def test_stopped_run_leaves_no_workers_and_resumes(tiny_root, tmp_path, sig):
         workers = [p for p in _children(proc.pid) if _running(p)]
         folders = list(tmpdir.glob(f"{TEMP_PREFIX}-{proc.pid}-*"))
         assert len(workers) >= 2 and len(folders) == 1 and (folders[0] / "processor.pkl").is_file()
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # the terminal's Ctrl-C: the parent and its workers
+        else:
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     _wait_until(lambda: not any(_running(p) for p in workers), "the workers to end", limit=30)
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:
         lines = error_lines(err)
-        assert proc.returncode == 143 and len(lines) == 1 and "stopped by SIGTERM" in lines[0], out + err
+        assert proc.returncode == 128 + sig and len(lines) == 1 and f"stopped by {sig.name}" in lines[0], out + err
         assert "Traceback" not in err and not folders[0].exists()
         from diffsynth_edit.cache import open_cache
 

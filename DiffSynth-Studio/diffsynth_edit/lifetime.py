@@ -28,8 +28,13 @@ def die_with_parent(parent: int | None = None, poll_seconds: float = 1.0) -> Non
     """Call first thing in a worker process: it is killed (SIGKILL) when the process that started it dies, even
     by SIGKILL. `parent`: the pid the parent had (pass `os.getpid()` from the parent), so that a worker whose parent
     died while it was still starting exits at once. The parent-death signal is tied to the parent's *thread* that
-    started the worker: start workers from the main thread."""
+    started the worker: start workers from the main thread.
+
+    The worker also ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the parent, which gets
+    it too, decides how its workers stop (a traceback from each worker would bury the parent's one line)."""
     parent = os.getppid() if parent is None else parent
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):  # no libc / no prctl: the watchdog below still works
             import ctypes
@@ -71,8 +76,9 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Within the block, SIGTERM raises `Terminated` in the main thread (the previous handler comes back after).
-    When it leaves the block, the temporary files of atomic writes it interrupted are removed, also those whose own
-    cleanup it cut short (`atomic.remove_unfinished_temp_files`). A no-op outside the main thread."""
+    When it (or Ctrl-C's KeyboardInterrupt) leaves the block, the temporary files of atomic writes it interrupted are
+    removed, also those whose own cleanup it cut short (`atomic.remove_unfinished_temp_files`). A no-op outside the
+    main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -84,7 +90,7 @@ def sigterm_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    except Terminated:
+    except (Terminated, KeyboardInterrupt):
         remove_unfinished_temp_files()
         raise
     finally:

@@ -35,11 +35,12 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}; the files written so far are kept: make room (or make {cfg.cache_dir} writable) and run "
               f"the same command again to finish the cache", file=sys.stderr)
         return 2
-    except Terminated as e:
+    except (Terminated, KeyboardInterrupt) as e:
         _shutdown_pool(kill=True)
-        print(f"error: stopped by SIGTERM; the files written so far are kept: run the same command again to finish "
+        name, code = ("SIGTERM", Terminated.exit_code) if isinstance(e, Terminated) else ("SIGINT (Ctrl-C)", 130)
+        print(f"error: stopped by {name}; the files written so far are kept: run the same command again to finish "
               f"the cache", file=sys.stderr)
-        return e.exit_code
+        return code
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

@@ -57,6 +57,10 @@ def main_build(argv: Sequence[str]) -> int:
         print(f"error: {e}; stopped: {cfg.out} and its report were not changed (samples already finished are "
               f"reused by the next run)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: stopped by SIGINT (Ctrl-C): {cfg.out} and its report were not changed (samples already "
+              f"finished are reused by the next run)", file=sys.stderr)
+        return 130
     print(summary.format())
     if not summary.records:
         print("error: no sample was written", file=sys.stderr)

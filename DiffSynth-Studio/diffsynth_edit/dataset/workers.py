@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +29,8 @@ from .records import SampleResult, SampleSpec, _err
 # Test hook (crash tests only): a worker about to build the sample whose id is this variable's value SIGKILLs itself,
 # as the OOM killer would.
 KILL_ENV = "DIFFSYNTH_EDIT_BUILD_TEST_KILL"
+# Test hook (stop tests only): a worker about to build the sample whose id is this variable's value waits there.
+PAUSE_ENV = "DIFFSYNTH_EDIT_BUILD_TEST_PAUSE"
 
 
 def _worker_main(conn: Connection, st: BuildSettings, parent_pid: int) -> None:
@@ -43,7 +46,7 @@ def _worker_main(conn: Connection, st: BuildSettings, parent_pid: int) -> None:
 
 
 def _serve(conn: Connection, st: BuildSettings) -> None:
-    kill_id = os.environ.get(KILL_ENV)
+    kill_id, pause_id = os.environ.get(KILL_ENV), os.environ.get(PAUSE_ENV)
     while True:
         try:
             spec = conn.recv()
@@ -53,6 +56,8 @@ def _serve(conn: Connection, st: BuildSettings) -> None:
             return
         if kill_id and spec.id == kill_id:
             os.kill(os.getpid(), signal.SIGKILL)
+        if pause_id and spec.id == pause_id:
+            time.sleep(600)
         try:
             conn.send(process_sample(spec, st))
         except OutputWriteError as e:
