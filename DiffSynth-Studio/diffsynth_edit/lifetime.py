@@ -66,11 +66,15 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+# A process stopped by a signal it handled exits as the shell reports one killed by it: 128 + the signal number.
+EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (a scheduler's preemption); raised in the main thread so that `finally` blocks run.
     A BaseException, like KeyboardInterrupt, so that `except Exception` handlers do not swallow it."""
 
-    exit_code = 128 + signal.SIGTERM
+    exit_code = EXIT_CODES["SIGTERM"]
 
 
 @contextlib.contextmanager
@@ -100,8 +104,6 @@ def sigterm_raises() -> Iterator[None]:
 class StopRequest:
     """What `stop_requests` hands out: `signal` is the name of the first stop signal received, None until then."""
 
-    exit_codes = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}
-
     def __init__(self) -> None:
         self.signal: str | None = None
 
@@ -111,7 +113,7 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        return self.exit_codes.get(self.signal or "", 1)
+        return EXIT_CODES.get(self.signal or "", 1)
 
 
 # A launcher (torchrun, `accelerate launch`) forwards the SIGTERM/SIGINT it gets to its workers, which got the same

@@ -18,7 +18,7 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
     from .config import CacheConfig, CacheRunError
     from .encode import run_cache
 
-    from ..lifetime import Terminated, sigterm_raises
+    from ..lifetime import EXIT_CODES, Terminated, sigterm_raises
     from ..output_errors import OutputWriteError
     from .workers import _shutdown_pool
 
@@ -37,10 +37,10 @@ def main_cache(argv: Sequence[str] | None = None) -> int:
         return 2
     except (Terminated, KeyboardInterrupt) as e:
         _shutdown_pool(kill=True)
-        name, code = ("SIGTERM", Terminated.exit_code) if isinstance(e, Terminated) else ("SIGINT (Ctrl-C)", 130)
-        print(f"error: stopped by {name}; the files written so far are kept: run the same command again to finish "
+        name, shown = ("SIGTERM", "SIGTERM") if isinstance(e, Terminated) else ("SIGINT", "SIGINT (Ctrl-C)")
+        print(f"error: stopped by {shown}; the files written so far are kept: run the same command again to finish "
               f"the cache", file=sys.stderr)
-        return code
+        return EXIT_CODES[name]
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

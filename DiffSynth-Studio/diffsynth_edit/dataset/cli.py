@@ -43,6 +43,7 @@ def _parse(cls: type[T], argv: Sequence[str], prog: str, section: str, positiona
 
 
 def main_build(argv: Sequence[str]) -> int:
+    from ..lifetime import EXIT_CODES
     from ..output_errors import OutputWriteError
     from .build_config import BuildConfig
     from .builder import build_dataset
@@ -60,7 +61,7 @@ def main_build(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(f"error: stopped by SIGINT (Ctrl-C): {cfg.out} and its report were not changed (samples already "
               f"finished are reused by the next run)", file=sys.stderr)
-        return 130
+        return EXIT_CODES["SIGINT"]
     print(summary.format())
     if not summary.records:
         print("error: no sample was written", file=sys.stderr)

@@ -9,6 +9,10 @@ from typing import Literal
 
 from ..config import ConfigError
 
+# The flags that turn off the presets' recompute budget and `save_attention`, which only compiled blocks use (named in
+# the errors that need them: without compiled blocks, with `checkpoint_last_n`, under ZeRO-3).
+BUDGET_OFF_FLAGS = "--recompute-budget none --save-attention false"
+
 
 @dataclass
 class TrainConfig:
@@ -147,11 +151,11 @@ class TrainConfig:
                 raise ConfigError(f"--recompute-budget must be in [0, 1], got {self.recompute_budget}")
             if not self.compile_blocks:
                 raise ConfigError("--recompute-budget needs --compile-blocks (the compiled blocks' partitioner "
-                                  "chooses what to recompute); without compiled blocks also pass --recompute-budget "
-                                  "none --save-attention false (the 2511/2509 presets set both)")
+                                  f"chooses what to recompute); without compiled blocks also pass {BUDGET_OFF_FLAGS} "
+                                  "(the 2511, 2509 and LBM presets set both)")
             if self.checkpoint_last_n is not None:
                 raise ConfigError("--recompute-budget replaces block checkpointing: drop --checkpoint-last-n, or "
-                                  "pass --recompute-budget none --save-attention false to use it")
+                                  f"pass {BUDGET_OFF_FLAGS} to use it")
         elif self.save_attention:
             raise ConfigError("--save-attention tells the partitioner of --recompute-budget what to keep: give "
                               "--recompute-budget (and --compile-blocks)")

@@ -16,7 +16,7 @@ from ..low_memory import apply_low_memory, low_memory_enabled, several_processes
 from ..speedups import compile_blocks
 from ..ste import STE
 from ..variants import ModelVariant
-from .config import TrainConfig
+from .config import BUDGET_OFF_FLAGS, TrainConfig
 from .faults import TrainingError
 from .lora import inject_lora, load_into_training
 from .losses import combine_losses, lbm_predicted_target, per_sample_mse
@@ -161,6 +161,6 @@ def build_trainable(cfg: TrainConfig, variant: ModelVariant, device: torch.devic
         if zero3:
             raise TrainingError("compile_blocks is not supported under DeepSpeed ZeRO-3 (its parameter gathering "
                                 "hooks run inside the blocks); use DDP or ZeRO-2, or pass --compile-blocks false "
-                                "--recompute-budget none --save-attention false")
+                                f"{BUDGET_OFF_FLAGS}")
         compile_blocks(dit, ste, recompute_budget=cfg.recompute_budget, save_attention=cfg.save_attention)
     return pipe, EditTrainModel(dit, ste, cfg, zero_cond_t, vae=pipe.vae), params
