@@ -6,7 +6,8 @@
 
 (1) one LBM optimizer step (batch 1, gradient checkpointing): bridge mode + STE, 17 targets, rank 512,
     ProdigyPlusScheduleFree; trainables fp32, or bf16 if fp32 does not fit the card (reported); `--train-dtype`,
-    `--train-compile` (compile_blocks) and `--only-train` pick another row alone.
+    `--train-compile` (compile_blocks), `--train-preset` (a preset's compile_blocks, recompute_budget and
+    save_attention, e.g. configs/lbm_2511.toml) and `--only-train` pick another row alone.
 (2) end-to-end edits through the workspace editor, `Editor.edit` = prompt encoding (positive only: LBM runs at
     cfg 1) + VAE encode + DiT steps + VAE decode of main and sub streams, bridge mode with STE, steps 1 and 4;
     eager, then with every DiT block torch.compile'd (compile time excluded: 2 warm-up edits).
@@ -23,6 +24,16 @@ from PIL import Image
 from harness import (bench_parser, build_full_dit, build_full_pipeline, build_tiny_dit, build_tiny_pipeline,
                      device_and_dtype, device_name, release_lora, sync, time_steps, tokenizer_choice,
                      workspace_training, write_report)
+
+
+def preset_levers(path: str) -> dict:
+    """The speed levers a training preset sets (compile_blocks, recompute_budget, save_attention)."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        preset = tomllib.load(f)
+    return {"compile_blocks": preset.get("compile_blocks", False),
+            **{k: preset[k] for k in ("recompute_budget", "save_attention") if k in preset}}
 
 
 def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) -> list[tuple]:
@@ -44,9 +55,11 @@ def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) 
     rank = 8 if a.tiny else 512
     rows = []
     dtypes = {"auto": (torch.float32, torch.bfloat16), "fp32": (torch.float32,), "bf16": (torch.bfloat16,)}
+    levers = preset_levers(a.train_preset) if a.train_preset else {"compile_blocks": a.train_compile}
+    compiled = levers["compile_blocks"]
     for tdtype in dtypes[a.train_dtype]:
-        cfg = TrainConfig(objective="lbm", mode="bridge", lora_rank=rank, optimizer="prodigy")
-        model, optim, params, ste = workspace_training(dit, cfg, LORA_TARGETS_2511, tdtype, device, a.train_compile)
+        cfg = TrainConfig(objective="lbm", mode="bridge", lora_rank=rank, optimizer="prodigy", **levers)
+        model, optim, params, ste = workspace_training(dit, cfg, LORA_TARGETS_2511, tdtype, device, compiled)
         gens = [torch.Generator().manual_seed(1)]
 
         def step():
@@ -57,16 +70,20 @@ def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) 
             optim.zero_grad(set_to_none=True)
 
         label = (f"LBM training step: bridge + STE, rank {rank}, 17 targets, Prodigy (batched), {str(tdtype)[6:]} "
-                 f"trainables{', compiled blocks' if a.train_compile else ''}")
+                 f"trainables{', compiled blocks' if compiled else ''}"
+                 + (f", recompute_budget {cfg.recompute_budget}" if cfg.recompute_budget is not None else "")
+                 + (", save_attention" if cfg.save_attention else ""))
         try:
-            med, peak, _ = time_steps(step, device, 2, a.repeats)
+            med, peak, times = time_steps(step, device, 2, a.repeats)
             rows.append((label, f"{med:.3f} s", f"{peak:.1f}"))
+            print(f"RESULT lbm-train | {label} | {med:.3f} s | {peak:.1f} GiB | "
+                  f"{', '.join(f'{t:.3f}' for t in times)}", flush=True)
             done = True
         except torch.OutOfMemoryError:
             rows.append((label, "out of memory", "—"))
             done = False
         del optim, model, params
-        if a.train_compile:
+        if compiled:
             uncompile_blocks(dit, ste)
             torch._dynamo.reset()
         del ste
@@ -133,6 +150,7 @@ def main() -> int:
     p.add_argument("--train-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="(1)'s trainables: auto = fp32, or bf16 when fp32 runs out of memory")
     p.add_argument("--train-compile", action="store_true", help="(1) with compile_blocks")
+    p.add_argument("--train-preset", default="", help="(1) with the speed levers of this training preset (TOML)")
     p.add_argument("--profile-prepare", action="store_true",
                    help="op table of one eager prepare, prepare with/without the VAE side stream")
     p.add_argument("--ste-all-rows", action="store_true",

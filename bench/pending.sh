@@ -41,7 +41,7 @@ case "$GROUP" in
   default)  # target 2: the shipped default as the presets run it (budget 0.1 + save_attention), with fp32
     # trainables and with fp8 matmuls, every block recomputing as the baseline; the LBM step (H100: session 12)
     run 460 python3 bench_train_levers.py --cases defc,defcb10sa,defcb10f8sa,defc32b10sa
-    run 120 python3 bench_lbm.py --only-train --train-dtype bf16 --train-compile ;;
+    run 150 python3 bench_lbm.py --only-train --train-dtype bf16 --train-preset ../configs/lbm_2511.toml ;;
   edit)  # target 3: 40-step edits, compiled + fp8 with and without fast accumulation; upstream in the same call
     run 580 python3 bench_dit_forward.py --fast-loop --skip-bridge-loop --skip-sequential-cfg ;;
   lowmem)  # the low-memory Prodigy rows and the eager default after the batched optimizer
