@@ -56,11 +56,14 @@ def make_batch(device, dtype, tiny):
 def train_case(dit, batch, noised, device, a, mode, rank, targets, optimizer, tdtype):
     """Seeded LoRA (+ STE), `warmup + repeats` optimizer steps on one batch: (median s, peak GiB, losses)."""
     from diffsynth_edit.ste import STE
+    from diffsynth_edit.training.build import allow_tf32
     from diffsynth_edit.training.config import TrainConfig
     from diffsynth_edit.training.lora import inject_lora
     from diffsynth_edit.training.model import EditTrainModel
     from diffsynth_edit.training.optim import build_optimizer
 
+    if str(device).startswith("cuda"):
+        allow_tf32()  # as the trainer does (the fp32 LoRA's matmuls)
     cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
                       learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     torch.manual_seed(0)

@@ -251,10 +251,13 @@ def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, comp
     from diffsynth_edit.fp8_base import fp8_matmul_blocks
     from diffsynth_edit.speedups import compile_blocks
     from diffsynth_edit.ste import STE
+    from diffsynth_edit.training.build import allow_tf32
     from diffsynth_edit.training.lora import inject_lora
     from diffsynth_edit.training.model import EditTrainModel
     from diffsynth_edit.training.optim import build_optimizer
 
+    if str(device).startswith("cuda"):
+        allow_tf32()  # as the trainer does (fp32 trainables' matmuls)
     params = inject_lora(dit, cfg.lora_rank, float(cfg.lora_rank), targets, tdtype)
     ste = None
     if cfg.mode == "bridge":
