@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 13 still waits for, in groups that each fit one 10-minute device call (H200, full-size
-# models with random weights). Run from the repository root on the GPU machine:
+# Issue 13's GPU measurements, in groups that each fit one 10-minute device call (H200, full-size models with random
+# weights), to re-run them after a change (bench/RESULTS.md session 13 ran train-fp8's best case, default, edit and
+# numerics on an H200, lowmem on an H100). Run from the repository root on the GPU machine:
 #
 #   bash bench/pending.sh GROUP [FLAGS]   # GROUP: train-fp8 | default | edit | lowmem | numerics
 #
@@ -36,10 +37,10 @@ run() {  # run SECONDS CMD...: the command under a time limit, its exit status r
 
 FLAGS=("$@")
 case "$GROUP" in
-  train-fp8)  # target 1 on the H200: fp8 matmuls + partitioner budget on the r32 step (H100: RESULTS sessions 11, 12)
+  train-fp8)  # target 1 on the H200: fp8 matmuls + partitioner budget on the r32 step (H100: RESULTS sessions 11, 12; H200: 13)
     run 580 python3 bench_train_levers.py --cases up,r32cb30,r32cb20f8,r32cb20f8sa,r32cb10f8sa,r32cb30sa --profile r32cb20f8sa ;;
   default)  # target 2: the shipped default as the presets run it (budget 0.1 + save_attention), with fp32
-    # trainables and with fp8 matmuls, every block recomputing as the baseline; the LBM step (H100: session 12)
+    # trainables and with fp8 matmuls, every block recomputing as the baseline; the LBM step (H200: session 13)
     run 460 python3 bench_train_levers.py --cases defc,defcb10sa,defcb10f8sa,defc32b10sa
     run 150 python3 bench_lbm.py --only-train --train-dtype bf16 --train-preset ../configs/lbm_2511.toml ;;
   edit)  # target 3: 40-step edits, compiled + fp8 with and without fast accumulation; upstream in the same call
