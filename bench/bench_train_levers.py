@@ -139,8 +139,8 @@ def workspace_case(dit, x: TrainInputs, a, device: str, key: str, mode: str, ran
         opt_med = sorted(opt_times[-a.repeats:])[a.repeats // 2]
         if key in a.profile.split(","):
             profile_step(step, key)
-        print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} compiled={compiled} last_n={last_n} "
-              f"budget={budget}{' fp8' if fp8 else ''}{' save_attention' if save_attention else ''} | "
+        print(f"RESULT {key} | {mode} r{rank} {len(targets)}t {optimizer} {str(tdtype)[6:]} compiled={compiled} "
+              f"last_n={last_n} budget={budget}{' fp8' if fp8 else ''}{' save_attention' if save_attention else ''} | "
               f"{med:.3f} | {peak:.1f} | {[round(t, 3) for t in ts]} | opt {opt_med:.3f} | first {first:.1f}",
               flush=True)
         recompute = (f"partitioner memory budget {budget}{' keeping attention' if save_attention else ''}"
