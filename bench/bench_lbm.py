@@ -27,13 +27,13 @@ from harness import (bench_parser, build_full_dit, build_full_pipeline, build_ti
 
 
 def preset_levers(path: str) -> dict:
-    """The speed levers a training preset sets (compile_blocks, recompute_budget, save_attention)."""
-    import tomllib
+    """The speed levers a training preset sets (compile_blocks, recompute_budget, save_attention), read and checked
+    as `train_lbm.py --preset` reads them."""
+    from diffsynth_edit.config import build_config, load_preset
+    from diffsynth_edit.training.config import TrainConfig
 
-    with open(path, "rb") as f:
-        preset = tomllib.load(f)
-    return {"compile_blocks": preset.get("compile_blocks", False),
-            **{k: preset[k] for k in ("recompute_budget", "save_attention") if k in preset}}
+    cfg = build_config(TrainConfig, load_preset(path, "train"), source=f"preset {path}")
+    return {k: getattr(cfg, k) for k in ("compile_blocks", "recompute_budget", "save_attention")}
 
 
 def training_rows(dit, a, device: str, dtype: torch.dtype, size: int, box: int) -> list[tuple]:

@@ -62,8 +62,7 @@ def train_case(dit, batch, noised, device, a, mode, rank, targets, optimizer, td
     from diffsynth_edit.training.model import EditTrainModel
     from diffsynth_edit.training.optim import build_optimizer
 
-    if str(device).startswith("cuda"):
-        allow_tf32()  # as the trainer does (the fp32 LoRA's matmuls)
+    allow_tf32(device)  # as the trainer does (the fp32 LoRA's matmuls)
     cfg = TrainConfig(mode=mode, lora_rank=rank, optimizer=optimizer, gradient_checkpointing=True,
                       learning_rate=1e-4 if optimizer == "adamw" else 1.0)
     torch.manual_seed(0)

@@ -256,8 +256,7 @@ def workspace_training(dit, cfg, targets, tdtype: torch.dtype, device: str, comp
     from diffsynth_edit.training.model import EditTrainModel
     from diffsynth_edit.training.optim import build_optimizer
 
-    if str(device).startswith("cuda"):
-        allow_tf32()  # as the trainer does (fp32 trainables' matmuls)
+    allow_tf32(device)  # as the trainer does (fp32 trainables' matmuls)
     params = inject_lora(dit, cfg.lora_rank, float(cfg.lora_rank), targets, tdtype)
     ste = None
     if cfg.mode == "bridge":

@@ -322,3 +322,20 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(cache_dir, tiny_root, t
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "state" / "trainer.json").is_file() and not list(run_dir.glob(".state-*"))
+
+
+def test_allow_tf32_turns_tf32_on_for_a_cuda_device_only():
+    """The trainer and the training benches share this switch (fp32 trainables' matmuls on TF32 tensor cores): a CPU
+    run leaves torch's global flags as they were. The flags are process-global; they are restored after the test."""
+    from diffsynth_edit.training.build import allow_tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        allow_tf32("cpu")
+        allow_tf32(torch.device("cpu"))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        allow_tf32("cuda:0")  # only flags are set: no CUDA device is needed for that
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -17,13 +17,15 @@ from .model import EditTrainModel, build_trainable
 from .optim import base_optimizer, build_optimizer, is_schedule_free, lr_lambda
 
 
-def allow_tf32() -> None:
-    """fp32 matmuls and convolutions on TF32 tensor cores (10 mantissa bits per operand, fp32 accumulation). In
+def allow_tf32(device: torch.device | str) -> None:
+    """On a CUDA `device` (no-op otherwise): fp32 matmuls and convolutions on TF32 tensor cores (10 mantissa bits per
+    operand, fp32 accumulation). In
     training these are the fp32 trainables' LoRA and STE matmuls, whose inputs come from bf16 activations anyway; the
     fp32 weights and their updates stay fp32. Rank 512 with fp32 trainables: 1.97 s/step with TF32 against 3.99 s
     without (H200, bench/RESULTS.md session 13)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 class TrainingRun:
@@ -42,8 +44,7 @@ class TrainingRun:
             self.zero_stage = deepspeed_stage(self.accelerator, cfg, self._print)
             self.zero3 = self.zero_stage == 3
         self.device = self.accelerator.device
-        if self.device.type == "cuda":
-            allow_tf32()
+        allow_tf32(self.device)
         self.cache = open_cache(cfg.cache_dir)
         self.variant = get_variant(self.cache.variant)
         if cfg.variant is not None and str(cfg.variant) != str(self.cache.variant):
