@@ -129,6 +129,54 @@ def test_served_app_asks_for_the_login(tiny_root, tmp_path):
         log.close()
 
 
+def test_png_store_removes_the_folder_a_killed_app_left(tmp_path, monkeypatch):
+    """The output folder carries the app's pid; a folder whose pid is dead (an app killed by SIGKILL) goes when the
+    next store is made, a live app's folder stays."""
+    import tempfile
+
+    from diffsynth_edit.app.png import PngStore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"qwen_edit_app-{int(gone.stdout)}-abc"
+    live = tmp_path / f"qwen_edit_app-{os.getppid()}-def"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "out.png").write_bytes(b"png")
+    store = PngStore()
+    assert not dead.exists() and (live / "out.png").exists()
+    assert store.dir.parent == tmp_path and store.dir.name.startswith(f"qwen_edit_app-{os.getpid()}-")
+    assert Path(store.save(Image.new("RGB", (8, 8)), "out")).parent == store.dir
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_app_and_removes_its_outputs(tiny_root, tmp_path):
+    """SIGTERM (systemd, docker stop) closes the server, runs the exit handlers (the output folder goes) and exits
+    with 128 + 15, as a shell reports a process the signal killed."""
+    from diffsynth_edit.app.testing import free_port, stop_process, wait_for_http
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost", OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+    log_path = tmp_path / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "app_gradio.py"), "--port", str(port), "--tiny",
+                                 "--tiny-root", str(tiny_root), "--checkpoint-root", str(tmp_path),
+                                 "--device", "cpu"], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/config", 180, proc)
+            outputs = list(tmp.glob(f"qwen_edit_app-{proc.pid}-*"))
+            assert len(outputs) == 1 and outputs[0].is_dir()
+        finally:
+            stop_process(proc)
+    text = log_path.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    assert "[app] stopped (SIGTERM)" in text and "Traceback" not in text, text[-3000:]
+    assert not outputs[0].exists()
+
+
 def test_listing_skips_files_that_are_not_checkpoints(tmp_path):
     from diffsynth_edit.app.checkpoints import list_checkpoints
 

@@ -42,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lbm_steps=cfg.lbm_steps, initial_checkpoint=cfg.checkpoint)
     print(f"[app] serving on http://{cfg.bind_host}:{cfg.port} (checkpoint roots: "
           f"{', '.join(str(r) for r in service.roots)})", flush=True)
-    launch(demo, host=cfg.bind_host, port=cfg.port, share=cfg.share, max_file_mb=cfg.max_file_mb,
-           queue_size=cfg.queue_size, auth=auth)
+    from ..lifetime import Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():  # SIGTERM (systemd, docker stop) stops the server and lets the exit handlers run
+            launch(demo, host=cfg.bind_host, port=cfg.port, share=cfg.share, max_file_mb=cfg.max_file_mb,
+                   queue_size=cfg.queue_size, auth=auth)
+    except Terminated as stop:
+        demo.close()
+        print("[app] stopped (SIGTERM)", flush=True)
+        return stop.exit_code
     return 0

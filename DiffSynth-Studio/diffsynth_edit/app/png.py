@@ -15,7 +15,6 @@ import atexit
 import os
 import shutil
 import struct
-import tempfile
 import threading
 import uuid
 import zlib
@@ -26,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from ..lifetime import owned_temp_dir
 
 _COLOR_TYPES = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}
 BAND_BYTES = 1 << 19          # ≥ this many filtered bytes per band before a second thread is used
@@ -91,10 +92,11 @@ class PngStore:
     """Output images are written once, as fast PNG (`png.encode_png`: Up filter + run-length deflate, 3-7x faster
     than PIL at compress_level 1), and handed to gradio as paths, which it copies into its cache without
     re-encoding. The same file serves the output, the comparison slider and the API. Only the newest `keep` files
-    are kept here."""
+    are kept here. The folder (`<tmp>/qwen_edit_app-<pid>-…`) goes at exit; one left by a killed app goes when the
+    next app starts (`lifetime.owned_temp_dir`)."""
 
     def __init__(self, keep: int = 64):
-        self.dir = Path(tempfile.mkdtemp(prefix="qwen_edit_app_"))
+        self.dir = owned_temp_dir("qwen_edit_app")
         self.keep = keep
         self._files: deque[Path] = deque()
         self._lock = threading.Lock()
