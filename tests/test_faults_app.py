@@ -97,18 +97,14 @@ def _http(url: str, data: dict | None = None, headers: dict | None = None) -> tu
 
 @pytest.mark.slow
 def test_served_app_asks_for_the_login(tiny_root, tmp_path):
-    from diffsynth_edit.app.testing import free_port, stop_process
+    from diffsynth_edit.app.testing import free_port, start_app, stop_process
 
     users = tmp_path / "users"
     users.write_text("alice:s3cret\n")
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", OMP_NUM_THREADS="1")
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app_gradio.py"), "--port", str(port), "--tiny",
-                             "--tiny-root", str(tiny_root), "--checkpoint-root", str(tmp_path), "--device", "cpu",
-                             "--auth-file", str(users)], cwd=str(REPO), env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = start_app(["--tiny", "--tiny-root", str(tiny_root), "--checkpoint-root", str(tmp_path), "--device", "cpu",
+                      "--auth-file", str(users)], REPO, log, port, threads=1)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline, status = time.monotonic() + 180, None
@@ -153,18 +149,15 @@ def test_png_store_removes_the_folder_a_killed_app_left(tmp_path, monkeypatch):
 def test_sigterm_stops_the_app_and_removes_its_outputs(tiny_root, tmp_path):
     """SIGTERM (systemd, docker stop) closes the server, runs the exit handlers (the output folder goes) and exits
     with 128 + 15, as a shell reports a process the signal killed."""
-    from diffsynth_edit.app.testing import free_port, stop_process, wait_for_http
+    from diffsynth_edit.app.testing import free_port, start_app, stop_process, wait_for_http
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", OMP_NUM_THREADS="1", TMPDIR=str(tmp))
     log_path = tmp_path / "app.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app_gradio.py"), "--port", str(port), "--tiny",
-                                 "--tiny-root", str(tiny_root), "--checkpoint-root", str(tmp_path),
-                                 "--device", "cpu"], cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = start_app(["--tiny", "--tiny-root", str(tiny_root), "--checkpoint-root", str(tmp_path), "--device",
+                          "cpu"], REPO, log, port, threads=1, TMPDIR=str(tmp))
         try:
             wait_for_http(f"http://127.0.0.1:{port}/config", 180, proc)
             outputs = list(tmp.glob(f"qwen_edit_app-{proc.pid}-*"))

@@ -80,21 +80,27 @@ def wait_for_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"app at {url} did not answer within {timeout:.0f} s ({last})")
 
 
+def start_app(args: Sequence[str], cwd: Path | str, log, port: int, threads: int | None = None,
+              **env: str) -> subprocess.Popen:
+    """Start `python app_gradio.py --port PORT *args` in `cwd`, offline and without analytics, its output to the open
+    file `log`. `threads` sets OMP_NUM_THREADS (1 suits the tiny model, above all on a loaded machine); `env` adds
+    variables."""
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               DIFFSYNTH_SKIP_DOWNLOAD="true", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **env)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, str(Path(cwd) / "app_gradio.py"), "--port", str(port), *args],
+                            cwd=str(cwd), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 @contextlib.contextmanager
 def app_process(args: Sequence[str], cwd: Path | str, log_path: Path | str, timeout: float = 120.0,
                 port: int | None = None, threads: int | None = None) -> Iterator[str]:
-    """Run `python app_gradio.py --port P *args` in `cwd`; yield its URL once it serves; stop it afterwards.
-    `threads` sets OMP_NUM_THREADS (1 suits the tiny model, above all on a loaded machine)."""
+    """`start_app`; yield its URL once it serves; stop it afterwards."""
     port = port or free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               DIFFSYNTH_SKIP_DOWNLOAD="true", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    script = Path(cwd) / "app_gradio.py"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), *args], cwd=str(cwd), env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = start_app(args, cwd, log, port, threads)
     url = f"http://127.0.0.1:{port}/"
     try:
         try:
